@@ -1,0 +1,150 @@
+"""One typed, frozen settings object built from CLI flags and environment variables.
+
+Every option has a flag and an environment variable (the flag wins). Settings are parsed once in
+`app.py` and passed down; nothing below reads `os.environ` for these options again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+MODEL_CHOICES_HELP = "'auto' (7B on CUDA, 1.3B on CPU), 'tiny' (bundled demo checkpoint), a hub id or a local path"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+QUANTIZE = ("none", "int4")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input and generation limits, enforced server-side."""
+
+    images_per_message: int = 4
+    images_per_conversation: int = 8
+    upload_bytes: int = 20 * 1024 * 1024
+    pixels_per_image: int = 40_000_000
+    max_new_tokens: int = 2048
+    context_tokens: int | None = None  # None: the model's own context size
+    token_timeout_s: float = 120.0  # longest wait for the next token before a generation counts as stalled
+    concurrent_generations: int = 1  # generate calls running at once on the one model
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the app is configured with."""
+
+    model: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    quantize: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    host: str | None = None  # None: 127.0.0.1 locally, 0.0.0.0 on a Space
+    port: int = 7860
+    share: bool = False
+    auth: tuple[str, str] | None = None
+    queue_size: int = 32
+    concurrency: int = 1
+    on_space: bool = False
+
+    @property
+    def server_name(self) -> str:
+        """The address to bind: explicit host, else 0.0.0.0 on a Space, else loopback."""
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.on_space else "127.0.0.1"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _auth(text: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD")
+    return user, password
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _megabytes(text: str) -> int:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size in MB, got {text}")
+    return int(value * 1024 * 1024)
+
+
+def _quantize(text: str) -> str | None:
+    value = text.strip().lower()
+    if value not in QUANTIZE:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(QUANTIZE)}, got {text!r}")
+    return None if value == "none" else value
+
+
+# (flag, environment variable, destination, type, default, help) — the one table of options.
+_OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
+    ("--model", "DSVL_MODEL", "model", str, "auto", MODEL_CHOICES_HELP),
+    ("--device", "DSVL_DEVICE", "device", str, "auto", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("--dtype", "DSVL_DTYPE", "dtype", str, "auto", "auto (bf16/fp16 on CUDA, float32 on CPU) or " + ", ".join(DTYPES[1:])),
+    ("--attn", "DSVL_ATTN", "attn_implementation", str, "sdpa", "attention implementation: " + ", ".join(ATTENTION)),
+    ("--quantize", "DSVL_QUANTIZE", "quantize", _quantize, "none", "'int4': torchao int4 weight-only (CUDA only)"),
+    ("--host", "DSVL_HOST", "host", str, None, "address to bind (default 127.0.0.1; 0.0.0.0 on a Space)"),
+    ("--port", "DSVL_PORT", "port", int, 7860, "port to serve on"),
+    ("--share", "DSVL_SHARE", "share", _bool, False, "create a public gradio share link (pair it with --auth)"),
+    ("--auth", "DSVL_AUTH", "auth", _auth, None, "USER:PASSWORD required to open the app"),
+    ("--queue-size", "DSVL_QUEUE_SIZE", "queue_size", _positive_int, 32, "requests waiting at most before new ones are refused"),
+    ("--concurrency", "DSVL_CONCURRENCY", "concurrency", _positive_int, 1, "chat requests served at once"),
+    ("--max-images", "DSVL_MAX_IMAGES", "images_per_message", _positive_int, 4, "images per message"),
+    ("--max-images-total", "DSVL_MAX_IMAGES_TOTAL", "images_per_conversation", _positive_int, 8, "images per conversation"),
+    ("--max-upload-mb", "DSVL_MAX_UPLOAD_MB", "upload_bytes", _megabytes, 20 * 1024 * 1024, "largest upload in MB"),
+    ("--max-pixels", "DSVL_MAX_PIXELS", "pixels_per_image", _positive_int, 40_000_000, "largest image in pixels (decompression-bomb guard)"),
+    ("--max-new-tokens", "DSVL_MAX_NEW_TOKENS", "max_new_tokens", _positive_int, 2048, "cap on new tokens per reply"),
+    ("--context-tokens", "DSVL_CONTEXT_TOKENS", "context_tokens", _positive_int, None, "context budget (default: the model's own)"),
+    ("--token-timeout", "DSVL_TOKEN_TIMEOUT", "token_timeout_s", float, 120.0, "seconds to wait for a token before a generation counts as stalled"),
+    ("--generations", "DSVL_GENERATIONS", "concurrent_generations", _positive_int, 1, "generate calls running at once on the model"),
+)
+_LIMIT_FIELDS = {f for f in Limits.__dataclass_fields__}
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; each default comes from the matching environment variable when set."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="dsvl-chat: chat with DeepSeek-VL about images (Gradio web app).",
+        epilog="Every option can also be set by the environment variable shown in brackets.",
+    )
+    for flag, var, dest, kind, default, help_text in _OPTIONS:
+        if var in env:
+            try:
+                default = kind(env[var])  # type: ignore[operator]
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                parser.error(f"environment variable {var}={env[var]!r}: {exc}")
+        parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"{help_text} [{var}]")  # type: ignore[arg-type]
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the Settings from CLI arguments and the environment."""
+    env = os.environ if environ is None else environ
+    parser = build_parser(env)
+    args = vars(parser.parse_args(argv))
+    if args["dtype"] not in DTYPES:
+        parser.error(f"--dtype must be one of {', '.join(DTYPES)}")
+    if args["attn_implementation"] not in ATTENTION:
+        parser.error(f"--attn must be one of {', '.join(ATTENTION)}")
+    limits = Limits(**{k: args.pop(k) for k in list(args) if k in _LIMIT_FIELDS})
+    return Settings(**args, limits=limits, on_space=bool(env.get("SPACE_ID")))

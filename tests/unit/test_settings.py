@@ -1,0 +1,40 @@
+import pytest
+
+from dsvl_app.settings import parse_settings
+
+
+def test_defaults_are_local_and_safe():
+    s = parse_settings([], environ={})
+    assert s.model == "auto" and s.device == "auto" and s.dtype == "auto"
+    assert s.attn_implementation == "sdpa" and s.quantize is None
+    assert s.server_name == "127.0.0.1" and s.share is False and s.auth is None
+    assert s.limits.images_per_message >= 1 and s.limits.context_tokens is None
+
+
+def test_environment_then_flags_win():
+    env = {"DSVL_MODEL": "tiny", "DSVL_MAX_IMAGES": "2", "DSVL_SHARE": "true", "DSVL_AUTH": "ann:pw"}
+    s = parse_settings([], environ=env)
+    assert (s.model, s.limits.images_per_message, s.share, s.auth) == ("tiny", 2, True, ("ann", "pw"))
+    s = parse_settings(["--model", "org/other", "--max-images", "3", "--max-upload-mb", "1.5"], environ=env)
+    assert (s.model, s.limits.images_per_message) == ("org/other", 3)
+    assert s.limits.upload_bytes == int(1.5 * 1024 * 1024)
+
+
+def test_space_binds_all_interfaces():
+    assert parse_settings([], environ={"SPACE_ID": "me/app"}).server_name == "0.0.0.0"
+    assert parse_settings(["--host", "10.0.0.1"], environ={"SPACE_ID": "x"}).server_name == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--auth", "nopassword"], ["--dtype", "int3"], ["--max-images", "0"], ["--quantize", "int2"], ["--attn", "x"]]
+)
+def test_bad_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, environ={})
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_environment_is_named(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings([], environ={"DSVL_PORT": "eighty"})
+    assert "DSVL_PORT" in capsys.readouterr().err
