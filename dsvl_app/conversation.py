@@ -69,7 +69,7 @@ def _file_path(value: Any) -> str | None:
     if isinstance(value, Mapping):
         if isinstance(value.get("path"), str):
             return value["path"]
-        for key in ("file", "value"):
+        for key in ("path", "file", "value"):  # nested: {"path": FileData}, {"file": ...}, components
             if key in value:
                 return _file_path(value[key])
         return None
@@ -165,6 +165,49 @@ def conversation_turns(history: Iterable[Any] | None, message: Any) -> list[Turn
     return turns
 
 
+def _role(message: Any) -> str | None:
+    return message.get("role") if isinstance(message, Mapping) else getattr(message, "role", None)
+
+
+def _as_message(parts: Iterable[Part]) -> dict:
+    parts = list(parts)
+    return {
+        "text": " ".join(p for p in parts if isinstance(p, str)),
+        "files": [p.path for p in parts if isinstance(p, ImageRef)],
+    }
+
+
+def split_last_exchange(history: Sequence[Any]) -> tuple[list[Any], dict]:
+    """History without its last user turn (and reply), and that turn as a {"text", "files"} message."""
+    end = len(history)
+    while end > 0 and _role(history[end - 1]) == "assistant":
+        end -= 1
+    start = end
+    while start > 0 and _role(history[start - 1]) == "user":
+        start -= 1
+    turns = parse_history(history[start:end])
+    return list(history[:start]), _as_message(turns[0].parts if turns else ())
+
+
+def edit_user_message(history: Sequence[Any], index: int, new_text: str) -> tuple[list[Any], dict]:
+    """History before the user turn holding message `index`, and that turn with its text replaced (images kept)."""
+    if not 0 <= index < len(history) or _role(history[index]) != "user":
+        raise ConversationError("Only your own messages can be edited.")
+    start, end = index, index + 1
+    while start > 0 and _role(history[start - 1]) == "user":
+        start -= 1
+    while end < len(history) and _role(history[end]) == "user":
+        end += 1
+    turns = parse_history(history[start:end])
+    images = [p for p in (turns[0].parts if turns else ()) if isinstance(p, ImageRef)]
+    return list(history[:start]), _as_message([*images, new_text])
+
+
+def count_images(history: Iterable[Any] | None) -> int:
+    """Images in a chat history (for numbering new ones)."""
+    return sum(len(turn.images) for turn in parse_history(history))
+
+
 # ---------------------------------------------------------------- turns → template messages
 
 
@@ -193,7 +236,7 @@ def count_prompt_tokens(processor: Any, turns: Sequence[Turn]) -> int:
     tokenizer = processor.tokenizer
     # The processor skips special tokens when the rendered prompt already starts with BOS.
     add_special = not (tokenizer.bos_token and prompt.startswith(tokenizer.bos_token))
-    ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=add_special, verbose=False)["input_ids"]
     n_images = sum(len(t.images) for t in turns)
     return len(ids) + n_images * (int(processor.num_image_tokens) - 1)
 

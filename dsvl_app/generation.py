@@ -81,15 +81,15 @@ class GenerationStats:
     images: int
     new_tokens: int = 0
     time_to_first_token_s: float | None = None
+    decode_s: float = 0.0  # first token → last token, measured where tokens are produced
     total_s: float = 0.0
     stop_reason: str = "running"  # eos | length | stopped | timeout | error | running
 
     @property
     def tokens_per_s(self) -> float | None:
-        if self.new_tokens < 2 or self.time_to_first_token_s is None:
+        if self.new_tokens < 2 or self.decode_s <= 0:
             return None
-        decode = self.total_s - self.time_to_first_token_s
-        return (self.new_tokens - 1) / decode if decode > 0 else None
+        return (self.new_tokens - 1) / self.decode_s
 
 
 class _StopOnEvent(StoppingCriteria):
@@ -112,6 +112,7 @@ class _TokenStreamer(TextIteratorStreamer):
         super().__init__(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
         self.new_tokens = 0
         self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1:
@@ -119,8 +120,9 @@ class _TokenStreamer(TextIteratorStreamer):
         if self.skip_prompt and self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
             return
+        self.last_token_at = time.perf_counter()
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
+            self.first_token_at = self.last_token_at
         self.new_tokens += value.numel()
         self.token_cache.extend(value.tolist())
         text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
@@ -246,6 +248,7 @@ class Generation:
                         f"Generation stalled: no new token for {self._token_timeout_s:.0f} s, so it was stopped."
                     ) from None
                 if text:  # the streamer's end() flushes an empty string
+                    self._refresh_stats()
                     yield text
             completed = True
         finally:
@@ -257,12 +260,18 @@ class Generation:
                 raise self.error
             raise GenerationError(f"Generation failed: {type(self.error).__name__}: {self.error}") from self.error
 
-    def _finish(self, stopped: bool) -> None:
+    def _refresh_stats(self) -> None:
+        """Live figures while streaming (the meters update with every increment)."""
         streamer = self._streamer
         self.stats.new_tokens = streamer.new_tokens
         self.stats.total_s = time.perf_counter() - self._t0
         if streamer.first_token_at is not None:
             self.stats.time_to_first_token_s = streamer.first_token_at - self._t0
+            self.stats.decode_s = streamer.last_token_at - streamer.first_token_at
+
+    def _finish(self, stopped: bool) -> None:
+        self._refresh_stats()
+        streamer = self._streamer
         if self.stats.stop_reason == "running":
             if self.error is not None:
                 self.stats.stop_reason = "error"

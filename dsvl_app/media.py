@@ -120,3 +120,13 @@ def load_image(path: str | os.PathLike, limits: Limits) -> Image.Image:
                 return _to_rgb(oriented).copy()
             except (ValueError, OSError) as exc:
                 raise ImageRejected(name, f"uses colour mode {image.mode}, which cannot be converted to RGB ({exc})") from None
+
+
+def check_location(path: str | os.PathLike, allowed_roots: list[str]) -> None:
+    """Refuse paths outside the app's own folders: API clients could name any file on the server."""
+    real = os.path.realpath(path)
+    for root in allowed_roots:
+        root = os.path.realpath(root)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return
+    raise ImageRejected(display_name(path), "is not a file uploaded to this app, so it cannot be used")

@@ -133,7 +133,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                 default = kind(env[var])  # type: ignore[operator]
             except (argparse.ArgumentTypeError, ValueError) as exc:
                 parser.error(f"environment variable {var}={env[var]!r}: {exc}")
-        parser.add_argument(flag, dest=dest, type=kind, default=default, help=f"{help_text} [{var}]")  # type: ignore[arg-type]
+        extra: dict = {"nargs": "?", "const": True} if kind is _bool else {}  # `--share` alone means true
+        metavar = flag.removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(
+            flag, dest=dest, type=kind, default=default, metavar=metavar, help=f"{help_text} [{var}]", **extra  # type: ignore[arg-type]
+        )
     return parser
 
 

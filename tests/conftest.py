@@ -31,3 +31,38 @@ def make_image(tmp_path: Path):
         return str(path)
 
     return make
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_server(settings, handle):
+    """The real app (tiny checkpoint) launched in this process; yields (demo, url)."""
+    from dsvl_app.ui import build_demo, launch_kwargs
+
+    demo = build_demo(settings, handle)
+    kwargs = launch_kwargs(settings)
+    kwargs.update(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    demo.launch(**kwargs)
+    yield demo, demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(app_server):
+    from gradio_client import Client
+
+    return Client(app_server[1], verbose=False)
+
+
+def generate_threads() -> list:
+    """Generate worker threads still alive in this process."""
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "dsvl-generate" and t.is_alive()]

@@ -38,3 +38,8 @@ def test_bad_environment_is_named(capsys):
     with pytest.raises(SystemExit):
         parse_settings([], environ={"DSVL_PORT": "eighty"})
     assert "DSVL_PORT" in capsys.readouterr().err
+
+
+def test_share_is_a_plain_flag():
+    assert parse_settings(["--share"], environ={}).share is True
+    assert parse_settings(["--share", "false"], environ={}).share is False

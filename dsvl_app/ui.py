@@ -1,0 +1,452 @@
+"""The Gradio UI: layout, per-session state, event wiring, and errors → gr.Warning / gr.Error.
+
+The only module that imports gradio. The browser's chat and the stateless `/chat` API share one
+code path (`ChatApp.stream`). Per-session state lives in the Chatbot value and `gr.State`s; the
+only process-wide state is the model handle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import conversation as conv
+from .generation import GenerationError, GenerationParams, GenerationStats, generate_stream
+from .media import ImageRejected, check_location, load_image
+from .model import ModelHandle, get_model
+from .preview import ImageView, image_views
+from .settings import Limits, Settings
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+EXAMPLES_DIR = ASSETS / "examples"
+# Every refusal the user can fix; anything else is a bug and is logged with its traceback.
+USER_ERRORS = (ImageRejected, conv.ConversationError, GenerationError)
+UI_FRAME_S = 0.05  # the browser gets at most ~20 updates a second; the API gets every increment
+
+CSS = """
+#inspector-lowres .caption-label, #inspector-highres .caption-label { white-space: normal; }
+#meters table { font-size: 0.9em; }
+footer { display: none !important; }
+"""
+
+
+def _on_gpu(fn):
+    """On a ZeroGPU Space, run `fn` with a GPU attached; elsewhere leave it as it is."""
+    try:
+        import spaces  # only installed on Hugging Face Spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=120)(fn)
+
+
+# ---------------------------------------------------------------- pure view helpers
+
+
+@dataclass
+class Update:
+    """One step of a reply: the text so far and what the side panel shows."""
+
+    reply: str
+    prompt: conv.Prompt
+    stats: GenerationStats | None = None
+    views: list[ImageView] = field(default_factory=list)
+
+
+def banner_markdown(handle: ModelHandle) -> str:
+    """Which weights run, where, in which dtype — and whether the offline fallback engaged."""
+    what = f"**Model:** {handle.label}"
+    if handle.is_tiny:
+        what += " — a tiny demo checkpoint for offline use and tests, *not* DeepSeek-VL"
+    lines = [what, f"**Device:** {handle.device} · **dtype:** {str(handle.dtype).removeprefix('torch.')}"
+             + (f" · **weights:** {handle.quantized}" if handle.quantized else "")]
+    if not handle.has_high_res:
+        lines.append("This model family uses the low-res (384) view only.")
+    if handle.offline_fallback:
+        lines.append(f"⚠️ **Offline fallback:** {handle.fallback_reason}.")
+    return "\n\n".join(lines)
+
+
+def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, stop_reason: str | None = None) -> str:
+    """Prompt tokens against the context, time to first token, tokens/s, stop reason, dropped turns."""
+    if prompt is None:
+        return "No reply yet."
+    images = len(prompt.images)
+    used = prompt.prompt_tokens / max(prompt.context_tokens, 1)
+    rows = [
+        ("Prompt tokens", f"{prompt.prompt_tokens:,} / {prompt.context_tokens:,} ({used:.0%}) — {images} image(s) × 576"),
+        ("Turns dropped by the budget", f"{prompt.dropped_turns} ({prompt.dropped_images} image(s))"),
+    ]
+    if stats is not None:
+        ttft = "—" if stats.time_to_first_token_s is None else f"{stats.time_to_first_token_s:.2f} s"
+        speed = "—" if stats.tokens_per_s is None else f"{stats.tokens_per_s:.1f}"
+        rows += [
+            ("Time to first token", ttft),
+            ("Tokens/s", speed),
+            ("New tokens", str(stats.new_tokens)),
+            ("Stop reason", stop_reason or stats.stop_reason),
+        ]
+    return "| Meter | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def gallery_items(views: list[ImageView], high_res: bool) -> list[tuple[Any, str]]:
+    """(image, caption) pairs for one inspector gallery."""
+    items = []
+    for view in views:
+        image = view.high_res if high_res else view.low_res
+        if image is not None:
+            items.append((image, f"{view.caption} → {image.width}×{image.height}"))
+    return items
+
+
+def display_user_message(message: dict, first_number: int) -> list[dict]:
+    """Chatbot messages for a user message: each image as a numbered thumbnail, then the text."""
+    out: list[dict] = []
+    for offset, path in enumerate(message.get("files") or []):
+        label = f"Image {first_number + offset}"
+        image = gr.Image(value=path, label=label, show_label=True, type="filepath", height=160, buttons=["fullscreen"],
+                         interactive=False)
+        out.append({"role": "user", "content": image})
+    if (message.get("text") or "").strip():
+        out.append({"role": "user", "content": message["text"]})
+    return out
+
+
+def _file_paths(message: Any) -> dict:
+    """The MultimodalTextbox value with plain path strings for files."""
+    message = message or {}
+    files = [f if isinstance(f, str) else (f.get("path") if isinstance(f, dict) else getattr(f, "path", None))
+             for f in message.get("files") or []]
+    return {"text": message.get("text") or "", "files": [f for f in files if f]}
+
+
+# ---------------------------------------------------------------- the app
+
+
+class ChatApp:
+    """Builds the Blocks and owns the event functions; one instance per server."""
+
+    def __init__(self, settings: Settings, handle: ModelHandle | None = None):
+        self.settings = settings
+        self.limits: Limits = settings.limits
+        self.handle = handle or get_model(settings)
+        # Only gradio's upload cache and our examples may be read (API clients could name any path).
+        self.allowed_roots = [gr.utils.get_upload_folder(), str(EXAMPLES_DIR)]
+
+    # -- the one code path for UI and API
+
+    def _load(self, path: str, limits: Limits):
+        check_location(path, self.allowed_roots)
+        return load_image(path, limits)
+
+    def params(self, max_new_tokens: Any, temperature: Any, top_p: Any, repetition_penalty: Any, seed: Any) -> GenerationParams:
+        try:
+            params = GenerationParams(
+                max_new_tokens=int(max_new_tokens),
+                temperature=float(temperature),
+                top_p=float(top_p),
+                repetition_penalty=float(repetition_penalty),
+                seed=None if seed in (None, "") else int(seed),
+            )
+        except (TypeError, ValueError) as exc:
+            raise GenerationError(f"Invalid generation parameter: {exc}") from None
+        return params.validate(self.limits.max_new_tokens)
+
+    @_on_gpu
+    def stream(self, message: Any, history: Any, params: GenerationParams, with_views: bool = True,
+               min_interval_s: float = 0.0) -> Iterator[Update]:
+        """Validate, budget, encode and stream one reply; raises USER_ERRORS with specific messages.
+
+        `min_interval_s` coalesces increments: re-rendering the whole chat per token would cap the
+        browser's stream far below the model's speed.
+        """
+        handle = self.handle
+        if history is not None and not isinstance(history, list):
+            raise conv.ConversationError("history must be a list of chat messages")
+        prompt = conv.build_prompt(
+            handle.processor, history, message, self.limits, handle.context_tokens, params.max_new_tokens, load=self._load
+        )
+        inputs = conv.encode(handle.processor, prompt.messages)
+        views = []
+        if with_views:
+            sizes = [image.size for image in prompt.images]
+            views = image_views(handle.processor, inputs, prompt.image_names, sizes, first_number=prompt.dropped_images + 1)
+        generation = generate_stream(handle, inputs, params, self.limits.token_timeout_s)
+        reply, sent = "", time.perf_counter()
+        yield Update(reply, prompt, generation.stats, views)
+        with generation:
+            for piece in generation:
+                reply += piece
+                if time.perf_counter() - sent >= min_interval_s:
+                    sent = time.perf_counter()
+                    yield Update(reply, prompt, generation.stats)
+        yield Update(reply, prompt, generation.stats)
+
+    def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
+             repetition_penalty: float, seed: float | None) -> Iterator[str]:
+        """The `/chat` API: stateless; streams the full reply so far; specific errors as gr.Error."""
+        try:
+            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+            for update in self.stream(_file_paths(message), history or [], params, with_views=False):
+                yield update.reply
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    # -- UI event functions
+
+    def add_user_message(self, message: Any, history: list) -> tuple:
+        """Show the user's message at once, lock the input, remember what to answer."""
+        message = _file_paths(message)
+        if not message["text"].strip() and not message["files"]:
+            gr.Warning("The message is empty: type a question or attach an image.")
+            return gr.skip(), gr.skip(), None, gr.skip()
+        shown = history + display_user_message(message, conv.count_images(history) + 1)
+        return shown, gr.MultimodalTextbox(value=None, interactive=False), message, history
+
+    def respond(self, message: dict | None, history_before: list, max_new_tokens, temperature, top_p,
+                repetition_penalty, seed) -> Iterator[tuple]:
+        """Stream the assistant's reply into the chat and the side panel; roll back on refusal."""
+        if message is None:  # add_user_message refused it
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(interactive=True), gr.skip()
+            return
+        shown_user = history_before + display_user_message(message, conv.count_images(history_before) + 1)
+        update = None
+        try:
+            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+            for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
+                chat = shown_user + [{"role": "assistant", "content": update.reply}]
+                meters = meters_markdown(update.prompt, update.stats)
+                state = {"prompt": update.prompt, "stats": update.stats}
+                if i == 0:
+                    low, high = gallery_items(update.views, False), gallery_items(update.views, True)
+                    yield chat, low, high, meters, gr.skip(), state
+                    if update.prompt.notes:
+                        gr.Info(" ".join(update.prompt.notes))
+                else:
+                    yield chat, gr.skip(), gr.skip(), meters, gr.skip(), state
+        except USER_ERRORS as exc:
+            gr.Warning(str(exc))
+            if update is not None and update.reply:
+                # Keep what was already generated (e.g. a stall after some tokens) and say why it ended.
+                yield gr.skip(), gr.skip(), gr.skip(), meters_markdown(update.prompt, update.stats), gr.skip(), gr.skip()
+            else:
+                # Nothing answered: the conversation goes back to how it was and the message back into the box.
+                yield history_before, gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(value=message), gr.skip()
+
+    @staticmethod
+    def unlock_input() -> dict:
+        return gr.MultimodalTextbox(interactive=True)
+
+    @staticmethod
+    def retry(history: list) -> tuple:
+        """Answer the last user message again."""
+        before, message = conv.split_last_exchange(history)
+        if not message["text"] and not message["files"]:
+            return gr.skip(), None, gr.skip()
+        return before + display_user_message(message, conv.count_images(before) + 1), message, before
+
+    @staticmethod
+    def undo(history: list) -> tuple:
+        """Remove the last exchange and put its message back into the input box."""
+        before, message = conv.split_last_exchange(history)
+        return before, gr.MultimodalTextbox(value=message, interactive=True)
+
+    @staticmethod
+    def edit(history: list, edit: gr.EditData) -> tuple:
+        """Replace a user message's text (its images stay) and answer again from there."""
+        index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
+        try:
+            before, message = conv.edit_user_message(history, int(index), str(edit.value))
+        except conv.ConversationError as exc:
+            gr.Warning(str(exc))
+            return history, None, history
+        return before + display_user_message(message, conv.count_images(before) + 1), message, before
+
+    @staticmethod
+    def stopped(state: dict | None) -> str:
+        """Meters after the Stop button: the last figures, marked as stopped."""
+        state = state or {}
+        return meters_markdown(state.get("prompt"), state.get("stats"), stop_reason="stopped (by you)")
+
+    @staticmethod
+    def cleared() -> tuple:
+        return [], [], [], meters_markdown(None, None), gr.MultimodalTextbox(value=None, interactive=True), None
+
+    # -- layout
+
+    def _render_chat_column(self) -> None:
+        self.chatbot = gr.Chatbot(
+            elem_id="chatbot",
+            label="Conversation",
+            height=560,
+            editable="user",
+            # One bubble per message: gradio 6.31's edit breaks on a bubble that mixes images and text.
+            group_consecutive_messages=False,
+            buttons=["copy", "copy_all"],
+            latex_delimiters=[
+                {"left": "$$", "right": "$$", "display": True},
+                {"left": "$", "right": "$", "display": False},
+                {"left": "\\(", "right": "\\)", "display": False},
+                {"left": "\\[", "right": "\\]", "display": True},
+            ],
+            sanitize_html=True,
+            render_markdown=True,
+            placeholder="**Attach one or more images and ask about them.** Images are numbered in the order the "
+            "model sees them (Image 1, Image 2, …).",
+        )
+        self.chat_input = gr.MultimodalTextbox(
+            elem_id="chat-input",
+            file_count="multiple",
+            file_types=["image"],
+            sources=["upload"],
+            placeholder="Ask about your images… (Enter to send, Shift+Enter for a new line; drop or paste images)",
+            show_label=False,
+            submit_btn=True,
+            max_plain_text_length=20_000,
+        )
+        with gr.Row():
+            self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm")
+            self.clear_btn = gr.Button("🗑 Clear", elem_id="clear", size="sm")
+        examples = [
+            {"text": "What colour is the shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]},
+            {"text": "What shape is it?", "files": [str(EXAMPLES_DIR / "green_triangle.png")]},
+            {"text": "What colour is the first image? What colour is the second image?",
+             "files": [str(EXAMPLES_DIR / "blue_square.png"), str(EXAMPLES_DIR / "yellow_circle.png")]},
+        ]
+        gr.Examples(examples=examples, inputs=[self.chat_input], label="Examples", examples_per_page=6)
+
+    def _render_side_panel(self) -> None:
+        self.banner = gr.Markdown(banner_markdown(self.handle), elem_id="model-banner")
+        with gr.Accordion("Generation", open=True):
+            cap = self.limits.max_new_tokens
+            self.max_new_tokens = gr.Slider(1, cap, value=min(512, cap), step=1, label="Max new tokens",
+                                            elem_id="max-new-tokens")
+            self.temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
+                                         elem_id="temperature")
+            self.top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p", elem_id="top-p")
+            self.repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty",
+                                                elem_id="repetition-penalty")
+            self.seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (for sampling)", elem_id="seed")
+        self.meters = gr.Markdown(meters_markdown(None, None), elem_id="meters")
+        with gr.Accordion("Inspector: what the model sees", open=True):
+            self.inspector_low = gr.Gallery(label="Low-res view, 384×384 (SigLIP)", elem_id="inspector-lowres",
+                                            columns=3, height=300, object_fit="contain", show_label=True)
+            self.inspector_high = gr.Gallery(label="High-res view, 1024×1024 (SAM)", elem_id="inspector-highres",
+                                             columns=3, height=300, object_fit="contain", show_label=True,
+                                             visible=self.handle.has_high_res)
+
+    def _render_api(self) -> None:
+        # Hidden components behind the public `/chat` endpoint: history is JSON so that every shape a client
+        # sends (plain strings, {"path": ...}, typed parts) reaches our parser instead of a schema error.
+        with gr.Group(visible=False):
+            self.api_history = gr.JSON(value=[], label="history")
+            self.api_reply = gr.Textbox(label="reply")
+            self.api_button = gr.Button("chat")
+
+    def _setup_events(self) -> None:
+        controls = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty, self.seed]
+        private: dict[str, Any] = {"api_visibility": "private"}
+        respond = {
+            "fn": self.respond,
+            "inputs": [self.pending, self.history_before, *controls],
+            "outputs": [self.chatbot, self.inspector_low, self.inspector_high, self.meters, self.chat_input,
+                        self.last_meters],
+            "concurrency_id": "generate",  # UI and API share one concurrency limit: one model
+            "show_progress": "minimal",
+            **private,
+        }
+        unlock = {"fn": self.unlock_input, "outputs": [self.chat_input], "queue": False, **private}
+
+        submit = self.chat_input.submit(
+            self.add_user_message, [self.chat_input, self.chatbot],
+            [self.chatbot, self.chat_input, self.pending, self.history_before], queue=False, **private,
+        ).then(**respond)
+        submit.then(**unlock)
+
+        retry = self.chatbot.retry(
+            self.retry, [self.chatbot], [self.chatbot, self.pending, self.history_before], queue=False, **private
+        ).then(**respond)
+        retry.then(**unlock)
+
+        edit = self.chatbot.edit(
+            self.edit, [self.chatbot], [self.chatbot, self.pending, self.history_before], queue=False, **private
+        ).then(**respond)
+        edit.then(**unlock)
+
+        self.chatbot.undo(self.undo, [self.chatbot], [self.chatbot, self.chat_input], queue=False, **private)
+
+        # Cancelling closes the reply generator; its cleanup sets the stop event the generate thread watches.
+        self.stop_btn.click(None, None, None, cancels=[submit, retry, edit], **private).then(
+            self.stopped, [self.last_meters], [self.meters], queue=False, **private
+        ).then(**unlock)
+
+        clear_outputs = [self.chatbot, self.inspector_low, self.inspector_high, self.meters, self.chat_input,
+                         self.last_meters]
+        self.clear_btn.click(self.cleared, None, clear_outputs, cancels=[submit, retry, edit], queue=False, **private)
+        self.chatbot.clear(self.cleared, None, clear_outputs, cancels=[submit, retry, edit], queue=False, **private)
+
+        self.api_button.click(
+            self.chat,
+            [self.chat_input, self.api_history, *controls],
+            [self.api_reply],
+            api_name="chat",
+            api_description="Stateless chat: send a message ({'text', 'files'}) and the history so far; streams "
+            "the reply (each update is the full reply so far).",
+            concurrency_id="generate",
+        )
+
+    def build(self) -> gr.Blocks:
+        """The whole UI."""
+        with gr.Blocks(title="dsvl-chat — chat with DeepSeek-VL about images", fill_height=True) as demo:
+            self.pending = gr.State(None)  # the message being answered
+            self.history_before = gr.State([])  # the chat before it (for rollback on refusal)
+            self.last_meters = gr.State(None)
+            gr.Markdown("## dsvl-chat — chat with DeepSeek-VL about images")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=3):
+                    self._render_chat_column()
+                with gr.Column(scale=2, min_width=320):
+                    self._render_side_panel()
+            self._render_api()
+            self._setup_events()
+        return demo
+
+
+def build_demo(settings: Settings, handle: ModelHandle | None = None) -> gr.Blocks:
+    """The queued Blocks app for these settings (the model is loaded here, once)."""
+    demo = ChatApp(settings, handle).build()
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+    return demo
+
+
+def launch_kwargs(settings: Settings) -> dict[str, Any]:
+    """Arguments for demo.launch(): bind address, share, auth, upload cap, allowed files, theme."""
+    return {
+        "server_name": settings.server_name,
+        "server_port": settings.port,
+        "share": settings.share,
+        "auth": settings.auth,
+        "max_file_size": settings.limits.upload_bytes,
+        "allowed_paths": [str(EXAMPLES_DIR)],
+        "css": CSS,
+        "theme": gr.themes.Soft(),
+        "footer_links": ["api", "gradio"],
+    }
+
+
+def share_warning(settings: Settings) -> str | None:
+    """The loud warning for a public link without a password."""
+    if settings.share and not settings.auth:
+        return (
+            "\n" + "!" * 78 + "\n"
+            "!! WARNING: --share creates a PUBLIC link (valid for a week) and no --auth is set:\n"
+            "!! anyone with the link can use this app and your GPU. Add --auth USER:PASSWORD.\n" + "!" * 78
+        )
+    return None

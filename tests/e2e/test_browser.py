@@ -1,0 +1,130 @@
+"""A new user's session in real Chromium: attach, ask, watch, inspect, stop, retry, undo, edit, clear, refusals."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import generate_threads
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "assets" / "examples"
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+
+
+def long_sampling(chat, tokens=2000, seed=1):
+    """Settings that make the tiny model write for several seconds (so there is something to watch and stop)."""
+    chat.set_control("max-new-tokens", tokens)
+    chat.set_control("temperature", 1)
+    chat.set_control("seed", seed)
+
+
+def test_two_images_streamed_reply_and_inspector(chat):
+    long_sampling(chat, tokens=1200)
+    chat.send("What colour is the first image? And the second?", str(EXAMPLES / "red_circle.png"),
+              str(EXAMPLES / "blue_square.png"))
+    lengths = []
+    deadline = time.time() + 60
+    while time.time() < deadline and (not lengths or not chat.input_ready()):
+        texts = chat.bot_texts()
+        if texts and texts[-1]:
+            lengths.append(len(texts[-1]))
+        time.sleep(0.1)
+    final = chat.wait_reply_done()
+    assert len(set(lengths)) >= 3 and lengths == sorted(lengths), "the reply did not visibly grow"
+    assert len(final) >= max(lengths)
+    # Both images appear numbered in the chat ...
+    chatbot = chat.page.locator("#chatbot").inner_text()
+    assert "Image 1" in chatbot and "Image 2" in chatbot
+    # ... and in both inspector galleries with their sizes.
+    for gallery, size in [("inspector-lowres", "384×384"), ("inspector-highres", "1024×1024")]:
+        text = chat.page.locator(f"#{gallery}").inner_text()
+        assert "Image 1 · red_circle.png · 480×360 → " + size in text
+        assert "Image 2 · blue_square.png · 360×480 → " + size in text
+        assert chat.page.locator(f"#{gallery} img").count() >= 2
+    meters = chat.meters()
+    assert "2 image(s) × 576" in meters and "Time to first token" in meters and "length" in meters
+    assert "bundled tiny demo checkpoint" in chat.page.locator("#model-banner").inner_text()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    chat.page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_stop_really_halts_generation(chat):
+    long_sampling(chat, tokens=2000)
+    chat.send("Tell me everything.", str(EXAMPLES / "green_triangle.png"))
+    chat.page.wait_for_function(
+        "() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]'); return b.length && b[b.length-1].innerText.length > 20; }"
+    )
+    assert generate_threads(), "expected a running generation"
+    chat.page.locator("#stop").click()
+    t0 = time.time()
+    while generate_threads() and time.time() - t0 < 1.0:
+        time.sleep(0.02)
+    assert not generate_threads(), "the generate thread kept running after Stop"
+    stopped_at = chat.bot_texts()[-1]
+    time.sleep(1.0)
+    assert chat.bot_texts()[-1] == stopped_at, "the reply kept growing after Stop"
+    assert "stopped" in chat.meters()
+    chat.page.wait_for_function("() => !document.querySelector('#chat-input textarea').disabled")
+    # The chat is still usable.
+    chat.set_control("max-new-tokens", 8)
+    chat.send("And now?")
+    chat.wait_reply_done()
+    assert len(chat.bot_texts()) == 2
+
+
+def test_retry_undo_edit_clear(chat):
+    chat.set_control("max-new-tokens", 24)
+    chat.set_control("temperature", 1)
+    chat.set_control("seed", 1)
+    chat.send("What shape is it?", str(EXAMPLES / "green_triangle.png"))
+    first = chat.wait_reply_done()
+    assert first
+
+    chat.set_control("seed", 2)
+    chat.page.locator('#chatbot button[aria-label="Retry"]').click()
+    time.sleep(0.5)
+    retried = chat.wait_reply_done()
+    assert len(chat.bot_texts()) == 1 and retried != first
+
+    chat.page.locator('#chatbot button[aria-label="Edit"]').first.click()
+    chat.page.locator("#chatbot textarea").fill("What colour is it?")
+    chat.page.locator('#chatbot button[aria-label="Submit"]').click()
+    time.sleep(0.5)
+    chat.wait_reply_done()
+    text = chat.page.locator("#chatbot").inner_text()
+    assert "What colour is it?" in text and "What shape is it?" not in text
+    assert "Image 1" in text and len(chat.bot_texts()) == 1  # the image stayed with the edited message
+
+    chat.page.locator('#chatbot button[aria-label="Undo"]').click()
+    chat.page.wait_for_function("() => !document.querySelectorAll('#chatbot [data-testid=bot]').length")
+    assert chat.page.locator("#chat-input textarea").input_value() == "What colour is it?"
+    assert chat.page.locator("#chat-input img").count() == 1  # the image came back into the box too
+
+    chat.send("Again?")
+    chat.wait_reply_done()
+    chat.page.locator("#clear").click()
+    chat.page.wait_for_function("() => !document.querySelectorAll('#chatbot [data-testid=user]').length")
+    assert chat.page.locator("#inspector-lowres img").count() == 0
+    assert "No reply yet" in chat.meters()
+
+
+def test_non_image_file_is_refused_and_conversation_survives(chat, tmp_path):
+    chat.set_control("max-new-tokens", 8)
+    chat.send("First question", str(EXAMPLES / "red_circle.png"))
+    chat.wait_reply_done()
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file, not a picture")
+    chat.send("What is this?", str(fake))
+    message = chat.toast_text()
+    assert "holiday.png" in message and "text file" in message
+    chat.page.wait_for_function("() => !document.querySelector('#chat-input textarea').disabled")
+    assert chat.user_count() == 2 and len(chat.bot_texts()) == 1  # image + text of the first turn, intact
+    assert chat.page.locator("#chat-input textarea").input_value() == "What is this?"  # the message is back
+    # Replace the bad file with a good one and carry on.
+    chat.page.locator('#chat-input button[aria-label="Remove file"], #chat-input [aria-label*="emove"]').first.click()
+    chat.send("What is this?", str(EXAMPLES / "blue_square.png"))
+    chat.wait_reply_done()
+    assert len(chat.bot_texts()) == 2 and "Image 2" in chat.page.locator("#chatbot").inner_text()
