@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ from transformers.image_utils import (
     OPENAI_CLIP_STD,
     PILImageResampling,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402  (the training vocabulary, so the tokenizer covers it compactly)
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "tiny-dsvl-hybrid"
 
@@ -98,6 +102,10 @@ def tokenizer_corpus() -> list[str]:
             lines.append(f"The {shape} is {colour}. It is a {colour} {shape}. What colour is the {shape}?")
     for number in NUMBERS:
         lines.append(f"There are {number} shapes. The {number} image is. How many shapes are there?")
+    for templates in shapes.QUESTIONS.values():
+        lines += [t.format(nth=n) for t in templates for n in shapes.ORDINALS.values()]
+    lines += [f"The shape is {c}. The first image is {c}. The second image is {c}." for c in shapes.COLOURS]
+    lines += [f"It is a {s}. There are {n} shapes. There is one shape." for s in shapes.SHAPES for n in shapes.NUMBERS.values()]
     lines += [
         "What shape is it? What colour is the first image? What colour is the second image?",
         "Hello, how can I help you today? I can see an image with a shape on a plain background.",
@@ -169,6 +177,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, context: int) -> DeepseekVL
             "window_size": 8,
             "global_attn_indexes": [1],
             "num_pos_feats": 16,
+            "initializer_range": 0.02,  # SAM's default (1e-10) leaves the tiny high-res branch dead
         },
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
         tie_word_embeddings=True,

@@ -159,3 +159,15 @@ def test_bad_new_upload_and_vanished_old_image_are_named(handle, settings, image
 def test_trailing_unanswered_user_turn_merges_with_new_message(images):
     turns = conv.conversation_turns([{"role": "user", "content": "first"}], {"text": "second", "files": [images["red"]]})
     assert len(turns) == 1 and turns[0].parts[0] == "first" and turns[0].parts[-1] == "second"
+
+
+def test_split_last_exchange_and_edit_keep_images(images):
+    history = browser_history(images)
+    before, message = conv.split_last_exchange(history)
+    assert before == history[:3]
+    assert message == {"text": "Compare with", "files": [images["green"], images["blue"]]}
+    before, message = conv.edit_user_message(history, 1, "Which colour?")  # the text part of the first turn
+    assert before == [] and message == {"text": "Which colour?", "files": [images["red"]]}
+    with pytest.raises(conv.ConversationError, match="Only your own messages"):
+        conv.edit_user_message(history, 2, "x")
+    assert conv.count_images(history) == 3 and conv.split_last_exchange([]) == ([], {"text": "", "files": []})
