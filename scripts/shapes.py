@@ -81,7 +81,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
 
 
 def draw_image(rng: random.Random, split: str, count: int = 1, colour: str | None = None,
-               shape: str | None = None) -> Drawn:
+               shape: str | None = None, scale: tuple[float, float] = (0.22, 0.45)) -> Drawn:
     """An image with `count` non-overlapping shapes at random sizes and positions."""
     w, h = rng.randint(224, 1024), rng.randint(224, 1024)
     image = _background(rng, (w, h), split)
@@ -91,7 +91,7 @@ def draw_image(rng: random.Random, split: str, count: int = 1, colour: str | Non
     shapes = []
     for _ in range(count):
         for _attempt in range(200):
-            s = int(side * rng.uniform(0.22, 0.45) / (1 if count == 1 else 1.6))
+            s = int(side * rng.uniform(*scale) / (1 if count == 1 else 1.6))
             x, y = rng.randint(0, w - s), rng.randint(0, h - s)
             box = (x, y, x + s, y + s)
             margin = side // 30
@@ -147,11 +147,12 @@ class Sample:
     keyword: str
 
 
-def sample(rng: random.Random, split: str, kind: str | None = None) -> Sample:
+def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple[float, float] = (0.22, 0.45),
+           shape: str | None = None) -> Sample:
     """One conversation of a given (or random) question type, possibly multi-image / multi-turn."""
     kind = kind or rng.choice(["colour", "shape", "count", "order", "order_turns"])
     if kind in ("colour", "shape"):
-        drawn = draw_image(rng, split)
+        drawn = draw_image(rng, split, scale=scale, shape=shape)
         q = rng.choice(QUESTIONS[kind])
         messages = [_user([drawn.image], q)]
         if rng.random() < 0.3:  # a second turn about the same image
@@ -165,8 +166,8 @@ def sample(rng: random.Random, split: str, kind: str | None = None) -> Sample:
                       keyword("count", drawn))
     # Image order: two images with different colours, in one message or spread over two turns.
     first_colour, second_colour = rng.sample(list(COLOURS), 2)
-    first = draw_image(rng, split, colour=first_colour)
-    second = draw_image(rng, split, colour=second_colour)
+    first = draw_image(rng, split, colour=first_colour, scale=scale)
+    second = draw_image(rng, split, colour=second_colour, scale=scale)
     nth = rng.choice([1, 2])
     q = rng.choice(QUESTIONS["order"]).format(nth=ORDINALS[nth])
     target = first if nth == 1 else second

@@ -36,30 +36,46 @@ ANSWER_WORDS = {
 }
 
 
-def encode_batch(processor, samples: list[shapes.Sample], with_answers: bool = True):
-    """Processor inputs for a batch; labels cover only the final answer and its end-of-sentence token."""
-    tok = processor.tokenizer
-    texts, prefix_lens, images = [], [], []
+def _length(processor, text: str) -> int:
+    """Token count of a rendered prompt once the processor expands each image token."""
+    expanded = text.replace(processor.image_token, processor.image_token * processor.num_image_tokens)
+    return len(processor.tokenizer(expanded)["input_ids"])
+
+
+def encode_batch(processor, samples: list[shapes.Sample]):
+    """Processor inputs for a batch; labels cover every assistant answer and its end-of-sentence token."""
+    texts, spans, images = [], [], []
     for s in samples:
-        prefix = processor.apply_chat_template(s.messages, add_generation_prompt=True)
-        if with_answers:
-            full = processor.apply_chat_template(
-                [*s.messages, {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]
-            ) + tok.eos_token
-        else:
-            full = prefix
-        texts.append(full)
-        expanded = prefix.replace(processor.image_token, processor.image_token * processor.num_image_tokens)
-        prefix_lens.append(len(tok(expanded)["input_ids"]))
+        messages = [*s.messages, {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]
+        texts.append(processor.apply_chat_template(messages) + processor.tokenizer.eos_token)
+        # An answer runs from the end of its prompt to its end-of-sentence token (the separator after it).
+        spans.append([
+            (_length(processor, processor.apply_chat_template(messages[:k], add_generation_prompt=True)),
+             _length(processor, processor.apply_chat_template(messages[: k + 1])) + 1)
+            for k, m in enumerate(messages) if m["role"] == "assistant"
+        ])
         images.append([b["image"] for m in s.messages for b in m["content"] if b["type"] == "image"])
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    if with_answers:
-        labels = torch.full_like(inputs["input_ids"], -100)
-        for i, start in enumerate(prefix_lens):
-            end = int(inputs["attention_mask"][i].sum())
+    labels = torch.full_like(inputs["input_ids"], -100)
+    for i, row in enumerate(spans):
+        for start, end in row:
             labels[i, start:end] = inputs["input_ids"][i, start:end]
-        inputs["labels"] = labels
+    inputs["labels"] = labels
     return inputs
+
+
+# Curriculum. A tiny model trained on the full mix from scratch stays at the language prior (it never
+# learns to look at the image tokens: measured, chance accuracy after 16 min). Colour on image-filling
+# squares breaks that plateau in ~100 steps; shapes then shrink to their real sizes and the other
+# question types join.
+def curriculum_sample(rng: random.Random, batch_index: int) -> shapes.Sample:
+    if batch_index < 150:
+        return shapes.sample(rng, "train", "colour", scale=(0.97, 1.0), shape="square")
+    if batch_index < 300:
+        return shapes.sample(rng, "train", "colour", scale=(0.5, 0.9))
+    if batch_index < 500:
+        return shapes.sample(rng, "train", rng.choice(["colour", "order", "order_turns"]))
+    return shapes.sample(rng, "train", rng.choice(["colour", "shape", "shape", "count", "count", "order", "order_turns"]))
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -71,8 +87,10 @@ class Batches(torch.utils.data.IterableDataset):
     def __iter__(self):
         torch.set_num_threads(1)
         rng = random.Random(self.seed)
+        index = 0
         while True:
-            yield encode_batch(self.processor, [shapes.sample(rng, "train") for _ in range(self.batch_size)])
+            yield encode_batch(self.processor, [curriculum_sample(rng, index) for _ in range(self.batch_size)])
+            index += 1
 
 
 def judge(kind: str, reply: str, keyword: str) -> bool:
