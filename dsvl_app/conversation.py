@@ -254,6 +254,7 @@ class Prompt:
     image_names: list[str]
     prompt_tokens: int
     context_tokens: int
+    image_tokens: int  # text positions each image costs (the processor's num_image_tokens)
     dropped_turns: int = 0
     dropped_images: int = 0
     notes: list[str] = field(default_factory=list)
@@ -335,6 +336,7 @@ def build_prompt(
         image_names=[ref.name for ref in refs],
         prompt_tokens=tokens,
         context_tokens=context_tokens,
+        image_tokens=int(processor.num_image_tokens),
         dropped_turns=dropped,
         dropped_images=dropped_images,
         notes=notes,

@@ -60,11 +60,6 @@ class ModelHandle:
         """Whether the model has the SAM high-res (1024) branch (7B hybrid) or low-res only (1.3B)."""
         return self.model_type == "deepseek_vl_hybrid"
 
-    @property
-    def image_tokens(self) -> int:
-        """Text positions each image costs (576 for both families)."""
-        return int(self.processor.num_image_tokens)
-
     def describe(self) -> str:
         """One line for logs and the banner: which weights, on which device, in which dtype."""
         dtype = str(self.dtype).removeprefix("torch.")

@@ -81,7 +81,7 @@ def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, s
     images = len(prompt.images)
     used = prompt.prompt_tokens / max(prompt.context_tokens, 1)
     rows = [
-        ("Prompt tokens", f"{prompt.prompt_tokens:,} / {prompt.context_tokens:,} ({used:.0%}) — {images} image(s) × 576"),
+        ("Prompt tokens", f"{prompt.prompt_tokens:,} / {prompt.context_tokens:,} ({used:.0%}) — {images} image(s) × {prompt.image_tokens}"),
         ("Turns dropped by the budget", f"{prompt.dropped_turns} ({prompt.dropped_images} image(s))"),
     ]
     if stats is not None:

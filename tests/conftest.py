@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,20 @@ def client(app_server):
     from gradio_client import Client
 
     return Client(app_server[1], verbose=False)
+
+
+@contextlib.contextmanager
+def loopback_http(handler: type):
+    """Serve `handler` (a BaseHTTPRequestHandler subclass) on 127.0.0.1; yields the base URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 def generate_threads() -> list:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import struct
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from dsvl_app.generation import GenerationParams, generate_stream
 from dsvl_app.media import load_image
 from dsvl_app.settings import parse_settings
 from dsvl_app.ui import build_demo, launch_kwargs
-from tests.conftest import free_port, generate_threads
+from tests.conftest import free_port, generate_threads, loopback_http
 
 pytestmark = pytest.mark.api
 ROOT = Path(__file__).resolve().parents[2]
@@ -325,16 +324,11 @@ def test_image_urls_in_user_text_are_never_fetched(client):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Spy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    text = f"Look at ![cat]({base}/md.png) and <img src='{base}/html.png'> and {base}/bare.png"
-    try:
+    with loopback_http(Spy) as base:
+        text = f"Look at ![cat]({base}/md.png) and <img src='{base}/html.png'> and {base}/bare.png"
         assert isinstance(chat(client, {"text": text, "files": []}), str)
         history = [{"role": "user", "content": {"path": f"{base}/history.png"}}, {"role": "assistant", "content": "ok"}]
         with pytest.raises(AppError, match="not a file uploaded to this app"):
             chat(client, {"text": "and?", "files": []}, history)
         time.sleep(0.3)
-    finally:
-        server.shutdown()
     assert hits == []

@@ -24,6 +24,7 @@ from dsvl_app.model import (
     resolve_source,
 )
 from dsvl_app.settings import parse_settings
+from tests.conftest import loopback_http
 
 
 def test_defaults_per_device():
@@ -57,7 +58,7 @@ def test_handle_loads_once_and_is_shared_across_threads(monkeypatch, settings):
 
 def test_tiny_handle_facts(handle):
     assert handle.is_tiny and handle.has_high_res and handle.model_type == "deepseek_vl_hybrid"
-    assert handle.image_tokens == 576 and handle.context_tokens == 4096
+    assert handle.processor.num_image_tokens == 576 and handle.context_tokens == 4096
     assert not handle.model.training and not any(p.requires_grad for p in handle.model.parameters())
     assert "tiny demo checkpoint" in handle.describe() and "float32" in handle.describe()
     assert not handle.offline_fallback
@@ -103,12 +104,10 @@ def open_hub(monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    yield
-    server.shutdown()
+    with loopback_http(Hub) as url:
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield
 
 
 def test_fallback_engages_quickly_when_hub_unreachable(closed_hub, monkeypatch):
