@@ -1,8 +1,12 @@
 """Time to first token and tokens/s through /chat versus a direct `model.generate` on the same inputs.
 
-Runs on the bundled tiny checkpoint on CPU and prints ratios measured in this one run:
+Runs on CPU and prints ratios measured in this one run:
 
-    python bench/bench_chat.py [--runs 5] [--max-new-tokens 256]
+    python bench/bench_chat.py [--runs 5] [--max-new-tokens 256] [--model PATH]
+
+By default it times the untrained build of the bundled tiny format (same classes, sizes and cost per
+token as the bundled checkpoint): the trained checkpoint ends its answer after one short sentence,
+too few tokens to time a stream.
 
 The direct baseline is plain transformers: `model.generate` on a thread feeding a
 `TextIteratorStreamer`. /chat is the launched app through gradio_client (HTTP, queue, SSE).
@@ -30,6 +34,16 @@ from dsvl_app.ui import build_demo, launch_kwargs  # noqa: E402
 
 IMAGES = [ROOT / "assets" / "examples" / "red_circle.png", ROOT / "assets" / "examples" / "blue_square.png"]
 QUESTION = "What colour is the first image? What colour is the second image?"
+
+
+def untrained_checkpoint() -> str:
+    """Build the tiny format with random weights in a temporary folder (they keep writing)."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint.build(Path(tempfile.mkdtemp(prefix="dsvl-bench-")) / "tiny-untrained"))
 
 
 def direct(handle, max_new_tokens: int, seed: int) -> tuple[float, float, int]:
@@ -73,9 +87,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--model", default=None, help="checkpoint to time (default: the untrained tiny build)")
     args = parser.parse_args()
 
-    settings = parse_settings(["--model", "tiny", "--port", "0"], environ={})
+    settings = parse_settings(["--model", args.model or untrained_checkpoint(), "--port", "0"], environ={})
     handle = get_model(settings)
     demo = build_demo(settings, handle)
     kwargs = launch_kwargs(settings)
@@ -94,7 +109,7 @@ def main() -> None:
     demo.close()
 
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in rows.items()}
-    print(f"bundled tiny checkpoint, CPU, 2 images, {args.max_new_tokens} new tokens, median of {args.runs} runs")
+    print(f"{args.model or 'untrained tiny build'}, CPU, 2 images, {args.max_new_tokens} new tokens, median of {args.runs} runs")
     print(f"{'path':<8} {'TTFT (s)':>10} {'tokens/s':>10}")
     for name, (ttft, tps) in med.items():
         print(f"{name:<8} {ttft:>10.3f} {tps:>10.1f}")

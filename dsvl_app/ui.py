@@ -64,7 +64,9 @@ def banner_markdown(handle: ModelHandle) -> str:
     """Which weights run, where, in which dtype — and whether the offline fallback engaged."""
     what = f"**Model:** {handle.label}"
     if handle.is_tiny:
-        what += " — a tiny demo checkpoint for offline use and tests, *not* DeepSeek-VL"
+        what += (" — a tiny demo checkpoint for offline use and tests, *not* DeepSeek-VL. It only knows simple "
+                 "shapes: it names a shape's colour and kind reliably; its counts and first/second-image answers "
+                 "are often wrong")
     lines = [what, f"**Device:** {handle.device} · **dtype:** {str(handle.dtype).removeprefix('torch.')}"
              + (f" · **weights:** {handle.quantized}" if handle.quantized else "")]
     if not handle.has_high_res:
@@ -314,10 +316,12 @@ class ChatApp:
         with gr.Row():
             self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm")
             self.clear_btn = gr.Button("🗑 Clear", elem_id="clear", size="sm")
+        # Questions the bundled tiny checkpoint was trained on, so they get real answers offline too.
         examples = [
             {"text": "What colour is the shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]},
             {"text": "What shape is it?", "files": [str(EXAMPLES_DIR / "green_triangle.png")]},
-            {"text": "What colour is the first image? What colour is the second image?",
+            {"text": "How many shapes are there?", "files": [str(EXAMPLES_DIR / "three_shapes.png")]},
+            {"text": "What colour is the second image?",
              "files": [str(EXAMPLES_DIR / "blue_square.png"), str(EXAMPLES_DIR / "yellow_circle.png")]},
         ]
         gr.Examples(examples=examples, inputs=[self.chat_input], label="Examples", examples_per_page=6)

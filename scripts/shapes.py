@@ -50,6 +50,28 @@ class Drawn:
 
     image: Image.Image
     shapes: tuple[tuple[str, str], ...]  # (shape, colour) per drawn shape
+    boxes: tuple[tuple[int, int, int, int], ...] = ()  # bounding box per drawn shape
+
+    def cell_instances(self, grid: int = 24) -> list[int]:
+        """Which shape (1-based, 0 = background) covers the centre of each cell of the model's grid.
+
+        The processor pads an image to a centred square and scales it, so cell (r, c) of a
+        `grid` x `grid` view is centred at ((c + .5) * side / grid, (r + .5) * side / grid) of the
+        padded square; tests check this against the processor's own tensors.
+        """
+        w, h = self.image.size
+        side = max(w, h)
+        left, top = (side - w) // 2, (side - h) // 2
+        mask = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(mask)
+        for i, ((kind, _), box) in enumerate(zip(self.shapes, self.boxes, strict=True)):
+            draw_shape(draw, kind, box, i + 1)
+        cells = []
+        for r in range(grid):
+            for c in range(grid):
+                x, y = int((c + 0.5) * side / grid) - left, int((r + 0.5) * side / grid) - top
+                cells.append(mask.getpixel((x, y)) if 0 <= x < w and 0 <= y < h else 0)
+        return cells
 
 
 def _background(rng: random.Random, size: tuple[int, int], split: str) -> Image.Image:
@@ -81,9 +103,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, 
 
 
 def draw_image(rng: random.Random, split: str, count: int = 1, colour: str | None = None,
-               shape: str | None = None, scale: tuple[float, float] = (0.22, 0.45)) -> Drawn:
+               shape: str | None = None, scale: tuple[float, float] = (0.25, 0.5)) -> Drawn:
     """An image with `count` non-overlapping shapes at random sizes and positions."""
-    w, h = rng.randint(224, 1024), rng.randint(224, 1024)
+    # Aspect ratios up to 3:2 and shapes at least a quarter of the short side keep every shape a
+    # few patches wide in the model's 24x24 grid (the image is padded to a square first).
+    long_side = rng.randint(256, 1024)
+    short_side = int(long_side / rng.uniform(1.0, 1.5))
+    w, h = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
     image = _background(rng, (w, h), split)
     draw = ImageDraw.Draw(image)
     side = min(w, h)
@@ -105,7 +131,7 @@ def draw_image(rng: random.Random, split: str, count: int = 1, colour: str | Non
         name = colour or rng.choice(list(COLOURS))
         draw_shape(draw, kind, box, COLOURS[name])
         shapes.append((kind, name))
-    return Drawn(image, tuple(shapes))
+    return Drawn(image, tuple(shapes), tuple(placed))
 
 
 def answer(kind: str, drawn: Drawn, nth: int = 1) -> str:
@@ -145,9 +171,10 @@ class Sample:
     messages: list[dict]
     answer: str
     keyword: str
+    drawn: tuple[Drawn, ...] = ()  # the images, in the order they appear in the conversation
 
 
-def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple[float, float] = (0.22, 0.45),
+def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple[float, float] = (0.25, 0.5),
            shape: str | None = None) -> Sample:
     """One conversation of a given (or random) question type, possibly multi-image / multi-turn."""
     kind = kind or rng.choice(["colour", "shape", "count", "order", "order_turns"])
@@ -159,11 +186,11 @@ def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple
             other = "shape" if kind == "colour" else "colour"
             messages = [_user([drawn.image], rng.choice(QUESTIONS[other])), _assistant(answer(other, drawn)),
                         {"role": "user", "content": [{"type": "text", "text": q}]}]
-        return Sample(kind, messages, answer(kind, drawn), keyword(kind, drawn))
+        return Sample(kind, messages, answer(kind, drawn), keyword(kind, drawn), (drawn,))
     if kind == "count":
         drawn = draw_image(rng, split, count=rng.randint(1, 4))
         return Sample(kind, [_user([drawn.image], rng.choice(QUESTIONS["count"]))], answer("count", drawn),
-                      keyword("count", drawn))
+                      keyword("count", drawn), (drawn,))
     # Image order: two images with different colours, in one message or spread over two turns.
     first_colour, second_colour = rng.sample(list(COLOURS), 2)
     first = draw_image(rng, split, colour=first_colour, scale=scale)
@@ -176,4 +203,4 @@ def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple
     else:
         messages = [_user([first.image], rng.choice(QUESTIONS["colour"])), _assistant(answer("colour", first)),
                     _user([second.image], q)]
-    return Sample("order", messages, answer("order", target, nth), keyword("order", target, nth))
+    return Sample("order", messages, answer("order", target, nth), keyword("order", target, nth), (first, second))

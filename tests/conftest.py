@@ -11,6 +11,19 @@ from PIL import Image
 from dsvl_app.model import get_model
 from dsvl_app.settings import Settings, parse_settings
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py (the checkpoint builder, trainer and shape drawer are scripts, not a package)."""
+    import importlib
+    import sys
+
+    scripts = str(ROOT / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module(name)
+
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
@@ -42,17 +55,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_server(settings, handle):
-    """The real app (tiny checkpoint) launched in this process; yields (demo, url)."""
+@contextlib.contextmanager
+def serve(settings: Settings, handle):
+    """The real app for `handle`, launched in this process on a free port; yields (demo, url)."""
     from dsvl_app.ui import build_demo, launch_kwargs
 
     demo = build_demo(settings, handle)
     kwargs = launch_kwargs(settings)
     kwargs.update(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
-    yield demo, demo.local_url
-    demo.close()
+    try:
+        yield demo, demo.local_url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(settings, handle):
+    """The real app with the bundled (trained) tiny checkpoint; yields (demo, url)."""
+    with serve(settings, handle) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def random_handle(tmp_path_factory):
+    """The untrained build of the tiny checkpoint (same classes, processor and template, random weights).
+
+    The trained checkpoint answers in a short sentence and stops; tests of streaming, Stop, cancelled
+    jobs and closed tabs need a model that keeps talking, and random weights do.
+    """
+    from dsvl_app.model import load_model
+
+    path = load_script("build_tiny_checkpoint").build(tmp_path_factory.mktemp("random-tiny") / "ckpt", seed=0)
+    return load_model(parse_settings(["--model", str(path)], environ={}))
+
+
+@pytest.fixture(scope="session")
+def random_app_server(settings, random_handle):
+    """The real app serving the random-weight build; yields (demo, url)."""
+    with serve(settings, random_handle) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +102,13 @@ def client(app_server):
     from gradio_client import Client
 
     return Client(app_server[1], verbose=False)
+
+
+@pytest.fixture(scope="session")
+def random_client(random_app_server):
+    from gradio_client import Client
+
+    return Client(random_app_server[1], verbose=False)
 
 
 @contextlib.contextmanager

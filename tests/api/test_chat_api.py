@@ -38,7 +38,8 @@ def test_only_chat_is_exposed(client):
     assert names == ["message", "history", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"]
 
 
-def test_streams_a_reply_about_two_images(client, handle, make_image):
+def test_streams_a_reply_about_two_images(random_client, random_handle, make_image):
+    client, handle = random_client, random_handle  # random weights write long enough to watch it stream
     a = make_image("a.png", colour=(255, 0, 0), size=(200, 120))
     b = make_image("b.png", colour=(0, 0, 255), size=(90, 160))
     final, updates = chat(client, {"text": "Compare them.", "files": [handle_file(a), handle_file(b)]}, [])

@@ -21,8 +21,7 @@ from dsvl_app import generation as generation_mod
 from dsvl_app.generation import GenerationParams, generate_stream
 from dsvl_app.media import load_image
 from dsvl_app.settings import parse_settings
-from dsvl_app.ui import build_demo, launch_kwargs
-from tests.conftest import free_port, generate_threads, loopback_http
+from tests.conftest import generate_threads, loopback_http, serve
 
 pytestmark = pytest.mark.api
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,8 +155,8 @@ def test_catalogue_limits_and_message_refusals(client, make_image):
 # ------------------------------------------------------------------ stop
 
 
-def test_a_cancelled_api_job_ends_the_generation_within_a_second(client):
-    job = client.submit({"text": "Write a long story.", "files": []}, [], **LONG, api_name="/chat")
+def test_a_cancelled_api_job_ends_the_generation_within_a_second(random_client):
+    job = random_client.submit({"text": "Write a long story.", "files": []}, [], **LONG, api_name="/chat")
     deadline = time.time() + 30
     while not job.outputs() or len(job.outputs()[-1]) < 20:
         assert time.time() < deadline
@@ -234,8 +233,9 @@ def test_simulated_cuda_oom_gives_advice_releases_memory_and_the_next_request_is
 # ------------------------------------------------------------------ timeouts
 
 
-def test_a_stalled_generation_ends_with_a_clear_message(strict, handle):
+def test_a_stalled_generation_ends_with_a_clear_message(strict, random_handle):
     url, auth = strict
+    handle = random_handle  # the model the strict app serves
 
     def hook(module, args, kwargs):
         if hook.calls == 2:
@@ -256,16 +256,12 @@ def test_a_stalled_generation_ends_with_a_clear_message(strict, handle):
 
 
 @pytest.fixture(scope="module")
-def strict(handle):
-    """A second app with tight limits, a queue of 1 and a password."""
+def strict(random_handle):
+    """A second app with tight limits, a queue of 1 and a password (random weights: replies run long)."""
     settings = parse_settings(["--model", "tiny", "--max-upload-mb", "1", "--queue-size", "1", "--token-timeout", "1",
                                "--auth", "ann:secret"], environ={})
-    demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings)
-    kwargs.update(server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    demo.launch(**kwargs)
-    yield demo.local_url, ("ann", "secret")
-    demo.close()
+    with serve(settings, random_handle) as (_, url):
+        yield url, ("ann", "secret")
 
 
 def test_auth_is_required_and_works(strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -24,15 +25,32 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, app_server):
+@contextlib.contextmanager
+def open_page(browser, url: str):
+    """A fresh browser context (its own session) on the app at `url`."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(30_000)
-    page.goto(app_server[1])
+    page.goto(url)
     page.wait_for_selector("#chat-input textarea")
-    yield page
-    context.close()
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, app_server):
+    """A page on the app serving the bundled (trained) tiny checkpoint."""
+    with open_page(browser, app_server[1]) as page:
+        yield page
+
+
+@pytest.fixture
+def random_page(browser, random_app_server):
+    """A page on the app serving random weights, which keep talking (for streaming and Stop)."""
+    with open_page(browser, random_app_server[1]) as page:
+        yield page
 
 
 class ChatPage:
@@ -94,3 +112,8 @@ class ChatPage:
 @pytest.fixture
 def chat(page):
     return ChatPage(page)
+
+
+@pytest.fixture
+def random_chat(random_page):
+    return ChatPage(random_page)

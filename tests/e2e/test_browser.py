@@ -15,13 +15,14 @@ SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
 
 def long_sampling(chat, tokens=2000, seed=1):
-    """Settings that make the tiny model write for several seconds (so there is something to watch and stop)."""
+    """Settings that make the random-weight model write for several seconds (something to watch and stop)."""
     chat.set_control("max-new-tokens", tokens)
     chat.set_control("temperature", 1)
     chat.set_control("seed", seed)
 
 
-def test_two_images_streamed_reply_and_inspector(chat):
+def test_two_images_streamed_reply_and_inspector(random_chat):
+    chat = random_chat
     long_sampling(chat, tokens=1200)
     chat.send("What colour is the first image? And the second?", str(EXAMPLES / "red_circle.png"),
               str(EXAMPLES / "blue_square.png"))
@@ -46,12 +47,31 @@ def test_two_images_streamed_reply_and_inspector(chat):
         assert chat.page.locator(f"#{gallery} img").count() >= 2
     meters = chat.meters()
     assert "2 image(s) × 576" in meters and "Time to first token" in meters and "length" in meters
-    assert "bundled tiny demo checkpoint" in chat.page.locator("#model-banner").inner_text()
+
+
+def test_the_bundled_checkpoint_answers_what_it_sees(chat):
+    """Greedy (the default): the trained tiny checkpoint names the colour and the shape, and stops by itself."""
+    banner = chat.page.locator("#model-banner").inner_text()
+    assert "bundled tiny demo checkpoint" in banner and "not DeepSeek-VL" in banner
+    chat.send("What colour is the shape?", str(EXAMPLES / "red_circle.png"))
+    assert chat.wait_reply_done().strip() == "The shape is red."
+    assert "eos" in chat.meters()  # it ended its sentence by itself
+    chat.send("What shape is it?")  # a follow-up about the same image
+    assert chat.wait_reply_done().strip() == "It is a circle."
     SCREENSHOT.parent.mkdir(exist_ok=True)
     chat.page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
-def test_stop_really_halts_generation(chat):
+def test_examples_fill_the_box_and_get_right_answers(chat):
+    chat.page.get_by_text("What shape is it?").first.click()
+    chat.page.wait_for_function("() => document.querySelectorAll('#chat-input img').length === 1")
+    assert chat.page.locator("#chat-input textarea").input_value() == "What shape is it?"
+    chat.page.locator("#chat-input textarea").press("Enter")
+    assert chat.wait_reply_done().strip() == "It is a triangle."
+
+
+def test_stop_really_halts_generation(random_chat):
+    chat = random_chat
     long_sampling(chat, tokens=2000)
     chat.send("Tell me everything.", str(EXAMPLES / "green_triangle.png"))
     chat.page.wait_for_function(
@@ -75,7 +95,8 @@ def test_stop_really_halts_generation(chat):
     assert len(chat.bot_texts()) == 2
 
 
-def test_retry_undo_edit_clear(chat):
+def test_retry_undo_edit_clear(random_chat):
+    chat = random_chat  # sampling from random weights gives a different reply per seed
     chat.set_control("max-new-tokens", 24)
     chat.set_control("temperature", 1)
     chat.set_control("seed", 1)

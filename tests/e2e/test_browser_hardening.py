@@ -53,10 +53,10 @@ def test_too_many_images_in_one_message(chat):
     assert chat.user_count() == 0  # nothing was added to the conversation
 
 
-def test_closing_the_tab_ends_the_generation_within_a_second(browser, app_server):
+def test_closing_the_tab_ends_the_generation_within_a_second(browser, random_app_server):
     context = browser.new_context()
     page = context.new_page()
-    page.goto(app_server[1])
+    page.goto(random_app_server[1])
     page.wait_for_selector("#chat-input textarea")
     for elem_id, value in [("max-new-tokens", 2000), ("temperature", 1)]:
         field = page.locator(f"#{elem_id} input[type=number]").first

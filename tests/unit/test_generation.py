@@ -1,3 +1,5 @@
+"""Streaming generation on a worker thread: increments, stats, seeds, stop, OOM, errors, timeouts."""
+
 import threading
 import time
 from contextlib import contextmanager
@@ -14,6 +16,12 @@ from dsvl_app.generation import (
     OutOfMemory,
     generate_stream,
 )
+
+
+@pytest.fixture
+def handle(random_handle):
+    """Streaming mechanics need replies that run long: the untrained build (the trained one stops at once)."""
+    return random_handle
 
 
 @pytest.fixture
