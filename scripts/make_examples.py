@@ -1,7 +1,7 @@
 """Draw the example images shipped in assets/examples/ (deterministic; made for this repo, CC0).
 
 They use the colours and shapes the bundled tiny checkpoint was trained on (scripts/shapes.py),
-so the app's examples get right answers from it offline.
+so it answers the colour and shape examples right offline (see its accuracy.json for the others).
 
     python scripts/make_examples.py
 """
