@@ -65,8 +65,8 @@ def banner_markdown(handle: ModelHandle) -> str:
     what = f"**Model:** {handle.label}"
     if handle.is_tiny:
         what += (" — a tiny demo checkpoint for offline use and tests, *not* DeepSeek-VL. It only knows simple "
-                 "shapes: it names a shape's colour and kind reliably; its counts and first/second-image answers "
-                 "are often wrong")
+                 "shapes: it names a shape's colour and kind and the colour of the first/second image reliably; "
+                 "its counts are often wrong")
     lines = [what, f"**Device:** {handle.device} · **dtype:** {str(handle.dtype).removeprefix('torch.')}"
              + (f" · **weights:** {handle.quantized}" if handle.quantized else "")]
     if not handle.has_high_res:

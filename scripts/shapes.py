@@ -8,6 +8,7 @@ palettes, so the held-out images have backgrounds never seen in training.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
@@ -175,11 +176,15 @@ class Sample:
 
 
 def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple[float, float] = (0.25, 0.5),
-           shape: str | None = None) -> Sample:
-    """One conversation of a given (or random) question type, possibly multi-image / multi-turn."""
+           shape: str | None = None, draw: Callable[..., Drawn] = draw_image) -> Sample:
+    """One conversation of a given (or random) question type, possibly multi-image / multi-turn.
+
+    `draw` makes the images (same signature as `draw_image`); training passes one that picks from a
+    pool of images whose vision features are already computed.
+    """
     kind = kind or rng.choice(["colour", "shape", "count", "order", "order_turns"])
     if kind in ("colour", "shape"):
-        drawn = draw_image(rng, split, scale=scale, shape=shape)
+        drawn = draw(rng, split, scale=scale, shape=shape)
         q = rng.choice(QUESTIONS[kind])
         messages = [_user([drawn.image], q)]
         if rng.random() < 0.3:  # a second turn about the same image
@@ -188,13 +193,13 @@ def sample(rng: random.Random, split: str, kind: str | None = None, scale: tuple
                         {"role": "user", "content": [{"type": "text", "text": q}]}]
         return Sample(kind, messages, answer(kind, drawn), keyword(kind, drawn), (drawn,))
     if kind == "count":
-        drawn = draw_image(rng, split, count=rng.randint(1, 4))
+        drawn = draw(rng, split, count=rng.randint(1, 4))
         return Sample(kind, [_user([drawn.image], rng.choice(QUESTIONS["count"]))], answer("count", drawn),
                       keyword("count", drawn), (drawn,))
     # Image order: two images with different colours, in one message or spread over two turns.
     first_colour, second_colour = rng.sample(list(COLOURS), 2)
-    first = draw_image(rng, split, colour=first_colour, scale=scale)
-    second = draw_image(rng, split, colour=second_colour, scale=scale)
+    first = draw(rng, split, colour=first_colour, scale=scale)
+    second = draw(rng, split, colour=second_colour, scale=scale)
     nth = rng.choice([1, 2])
     q = rng.choice(QUESTIONS["order"]).format(nth=ORDINALS[nth])
     target = first if nth == 1 else second

@@ -1,18 +1,21 @@
 """Train the bundled tiny DeepSeek-VL-Hybrid checkpoint to answer simple visual questions.
 
 Seeded, CPU only. Builds the untrained checkpoint with build_tiny_checkpoint.py (real classes,
-processor, chat template) and trains it in two stages, like the real model whose vision towers
-come pretrained:
+processor, chat template) and trains it in three stages, the way real vision-language models are
+made from a pretrained vision encoder and a pretrained language model:
 
 1. vision pretraining: the SigLIP and SAM towers and the aligner learn per-cell labels on the
    24x24 grid the language model sees (which colour and which shape covers each cell, and how many
    shapes the image holds), through small linear heads that are thrown away afterwards;
-2. chat: the whole model learns synthetic shape conversations in the real chat format (single- and
-   multi-image, multi-turn); the per-cell loss stays on at a lower weight so the vision features
-   are not forgotten.
+2. text warm-up: the language model alone learns the chat format from the same conversations with
+   the images left out. This is where it learns to copy "first"/"second" from the question: it
+   never learns that once 1,152 image tokens dilute its attention (measured);
+3. chat: vision frozen, the features of a pool of images are computed once and the language model
+   learns the conversations (single- and multi-image, multi-turn) on them, which makes a step about
+   three times cheaper than running the towers and so gives it the steps image order needs.
 
 It then writes the weights to assets/ together with `accuracy.json`: held-out accuracy per question
-type and the vision-branch ablations.
+type (on fresh images through the real processor and `generate`) and the vision-branch ablations.
 
     python scripts/train_tiny_checkpoint.py [--minutes 19] [--eval-per-type 100]
 """
@@ -49,10 +52,10 @@ COLOUR_IDS = {name: i + 1 for i, name in enumerate(shapes.COLOURS)}  # 0 = backg
 SHAPE_IDS = {name: i + 1 for i, name in enumerate(shapes.SHAPES)}
 
 
-def _length(processor, text: str) -> int:
-    """Token count of a rendered prompt once the processor expands each image token."""
+def _prompt_ids(processor, text: str) -> list[int]:
+    """Token ids of a rendered prompt once each image token is expanded, as the processor does."""
     expanded = text.replace(processor.image_token, processor.image_token * processor.num_image_tokens)
-    return len(processor.tokenizer(expanded)["input_ids"])
+    return processor.tokenizer(expanded)["input_ids"]
 
 
 def cell_labels(drawn: list[shapes.Drawn], grid: int = 24) -> dict[str, torch.Tensor]:
@@ -80,40 +83,77 @@ def encode_vision_batch(processor, drawn: list[shapes.Drawn]) -> dict:
             "cells": cell_labels(drawn)}
 
 
-def encode_batch(processor, samples: list[shapes.Sample]):
-    """Processor inputs for a batch; labels cover every assistant answer and its end-of-sentence token."""
-    texts, spans, images = [], [], []
+def encode_text(processor, samples: list[shapes.Sample], images: bool = True) -> dict[str, torch.Tensor]:
+    """Input ids, attention mask and labels (every assistant answer and its end-of-sentence token).
+
+    The ids are the processor's own (a unit test compares them); the pixels are not computed here
+    because stage 3 takes image features from the pool. `images=False` drops the images (stage 2).
+    """
+    rows = []
     for s in samples:
         messages = [*s.messages, {"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]
-        texts.append(processor.apply_chat_template(messages) + processor.tokenizer.eos_token)
-        # An answer runs from the end of its prompt to its end-of-sentence token (the separator after it).
-        spans.append([
-            (_length(processor, processor.apply_chat_template(messages[:k], add_generation_prompt=True)),
-             _length(processor, processor.apply_chat_template(messages[: k + 1])) + 1)
-            for k, m in enumerate(messages) if m["role"] == "assistant"
-        ])
-        images.append([b["image"] for m in s.messages for b in m["content"] if b["type"] == "image"])
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    labels = torch.full_like(inputs["input_ids"], -100)
-    for i, row in enumerate(spans):
-        for start, end in row:
-            labels[i, start:end] = inputs["input_ids"][i, start:end]
-    inputs["labels"] = labels
-    return inputs
+        if not images:
+            messages = [{**m, "content": [b for b in m["content"] if b["type"] != "image"]} for m in messages]
+        ids = _prompt_ids(processor, processor.apply_chat_template(messages) + processor.tokenizer.eos_token)
+        labels = [-100] * len(ids)
+        for k, m in enumerate(messages):
+            if m["role"] == "assistant":
+                # An answer runs from the end of its prompt to its end-of-sentence token.
+                start = len(_prompt_ids(processor, processor.apply_chat_template(messages[:k], add_generation_prompt=True)))
+                end = len(_prompt_ids(processor, processor.apply_chat_template(messages[: k + 1]))) + 1
+                labels[start:end] = ids[start:end]
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    batch = {"input_ids": torch.full((len(rows), width), processor.tokenizer.pad_token_id),
+             "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+             "labels": torch.full((len(rows), width), -100)}
+    for i, (ids, labels) in enumerate(rows):  # right padding: positions match an unpadded forward
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][i, : len(ids)] = 1
+        batch["labels"][i, : len(ids)] = torch.tensor(labels)
+    return batch
 
 
-def chat_sample(rng: random.Random, batch_index: int) -> shapes.Sample:
-    """Stage-2 mix: single-image questions first, then image order (one message or spread over turns)."""
-    if batch_index < 100:
-        return shapes.sample(rng, "train", rng.choice(["colour", "shape", "count"]))
-    return shapes.sample(rng, "train", rng.choice(["colour", "shape", "count", "order", "order", "order_turns"]))
+class FeaturePool:
+    """Images drawn once, with the vision features (aligner output) the language model receives.
+
+    `draw` has `shapes.draw_image`'s signature and picks a matching image from the pool, so
+    `shapes.sample(..., draw=pool.draw)` builds conversations whose image features are cached.
+    """
+
+    def __init__(self, model, processor, size: int, seed: int, batch: int = 32):
+        rng = random.Random(seed)
+        # Two thirds single shapes (colour, shape and order questions), one third 1-4 shapes (count).
+        self.drawn = [shapes.draw_image(rng, "train", count=1 if i % 3 else rng.randint(1, 4)) for i in range(size)]
+        self.row = {id(d): i for i, d in enumerate(self.drawn)}
+        self.by_count = {n: [d for d in self.drawn if len(d.shapes) == n] for n in shapes.NUMBERS}
+        self.by_colour = {c: [d for d in self.by_count[1] if d.shapes[0][1] == c] for c in shapes.COLOURS}
+        features = []
+        with torch.no_grad():
+            for i in range(0, size, batch):
+                pixels = processor.image_processor([d.image for d in self.drawn[i:i + batch]], return_tensors="pt")
+                out = model.model.get_image_features(pixels["pixel_values"], pixels["high_res_pixel_values"])
+                features.append(out.pooler_output.reshape(-1, processor.num_image_tokens, out.pooler_output.shape[-1]))
+        self.features = torch.cat(features)
+
+    def draw(self, rng: random.Random, split: str, count: int = 1, colour: str | None = None,
+             shape: str | None = None, scale=None) -> shapes.Drawn:
+        choices = self.by_colour[colour] if colour else self.by_count[count]
+        if shape:
+            choices = [d for d in choices if d.shapes[0][0] == shape] or choices
+        return rng.choice(choices)
+
+
+# Single-image and two-image questions go in separate batches: padding a one-image conversation to
+# two images' length would double its cost.
+SINGLE, PAIRS = ("colour", "shape", "count"), ("order", "order_turns")
 
 
 class Batches(torch.utils.data.IterableDataset):
     """Endless seeded training batches, drawn and encoded in a worker process so that overlaps training."""
 
-    def __init__(self, processor, seed: int, batch_size: int, stage: int):
-        self.processor, self.seed, self.batch_size, self.stage = processor, seed, batch_size, stage
+    def __init__(self, processor, seed: int, batch_size: int, stage: int, pool: FeaturePool | None = None):
+        self.processor, self.seed, self.batch_size, self.stage, self.pool = processor, seed, batch_size, stage, pool
 
     def __iter__(self):
         torch.set_num_threads(1)
@@ -124,9 +164,11 @@ class Batches(torch.utils.data.IterableDataset):
                 drawn = [shapes.draw_image(rng, "train", count=rng.randint(1, 4)) for _ in range(self.batch_size)]
                 yield encode_vision_batch(self.processor, drawn)
             else:
-                samples = [chat_sample(rng, index) for _ in range(self.batch_size)]
-                batch = encode_batch(self.processor, samples)
-                batch["cells"] = cell_labels([d for s in samples for d in s.drawn])
+                kinds = PAIRS if index % 2 else SINGLE
+                samples = [shapes.sample(rng, "train", rng.choice(kinds), draw=self.pool.draw)
+                           for _ in range(self.batch_size)]
+                batch = encode_text(self.processor, samples, images=self.stage == 3)
+                batch["rows"] = torch.tensor([self.pool.row[id(d)] for s in samples for d in s.drawn])
                 yield batch
             index += 1
 
@@ -191,50 +233,107 @@ def _schedule(optimizer, lr: float, step: int, progress: float) -> None:
         group["lr"] = lr * scale
 
 
-def run_stage(stage: int, model, processor, heads: CellHeads, seconds: float, seed: int, batch_size: int,
-              lr: float, log_every: int = 25) -> int:
-    """Train one stage for `seconds`; returns the number of steps taken."""
-    vision = [p for n, p in model.named_parameters() if "language_model" not in n and "lm_head" not in n]
-    params = vision if stage == 1 else list(model.parameters())
+def _optimise(optimizer, params, loss: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+
+
+def _log(stage: int, step: int, elapsed: float, ema: float, every: int = 25) -> None:
+    if step % every == 0:
+        print(f"stage {stage} step {step:5d}  {elapsed:6.0f}s  loss {ema:.4f}", flush=True)
+
+
+def run_vision_stage(model, processor, seconds: float, seed: int, batch_size: int, lr: float) -> int:
+    """Stage 1: towers and aligner learn per-cell labels; returns the number of steps taken."""
+    heads = CellHeads(model.config.text_config.hidden_size)
+    params = [p for n, p in model.named_parameters() if "language_model" not in n and "lm_head" not in n]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.01)
-    loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, stage), batch_size=None,
+    loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, 1), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
-    batches = iter(loader)
-    t0 = time.time()
-    step, ema = 0, None
+    batches, t0, step, ema = iter(loader), time.time(), 0, None
     while (elapsed := time.time() - t0) < seconds:
         _schedule(optimizer, lr, step, elapsed / seconds)
         batch = next(batches)
-        cells = batch.pop("cells")
-        if stage == 1:
-            features = model.model.get_image_features(batch["pixel_values"], batch["high_res_pixel_values"])
-            loss = heads.loss(features.pooler_output, cells)
-        else:
-            out = model(**batch)
-            loss = out.loss + 0.3 * heads.loss(out.image_hidden_states, cells)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        features = model.model.get_image_features(batch["pixel_values"], batch["high_res_pixel_values"])
+        loss = heads.loss(features.pooler_output, batch["cells"])
+        _optimise(optimizer, params, loss)
         step += 1
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        if step % log_every == 0:
-            print(f"stage {stage} step {step:5d}  {elapsed:6.0f}s  loss {ema:.4f}", flush=True)
-    del batches, loader
+        _log(1, step, elapsed, ema)
     return step
 
 
-def train(minutes: float, vision_share: float, seed: int, batch_size: int, lr: float):
+def language_loss(model, batch: dict, features: torch.Tensor | None, keyword_ids: torch.Tensor,
+                  keyword_weight: float = 3.0) -> torch.Tensor:
+    """Next-token loss on the answers, computed from cached image features instead of pixels.
+
+    Same computation as the model's own forward (a unit test compares the logits): image features
+    replace the image tokens' embeddings, then the language model and its head run. Answer words
+    (colours, shapes, numbers) weigh more: the rest of each answer is fixed wording.
+    """
+    language_model = model.model.language_model
+    ids = batch["input_ids"]
+    embeds = language_model.embed_tokens(ids)
+    if features is not None:
+        embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
+    hidden = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    targets = targets[keep]
+    losses = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), targets, reduction="none")
+    weights = torch.where(torch.isin(targets, keyword_ids), keyword_weight, 1.0)
+    return (losses * weights).sum() / weights.sum()
+
+
+def keyword_ids(processor) -> torch.Tensor:
+    """First token id of every answer word (colours, shapes, numbers)."""
+    words = set().union(*ANSWER_WORDS.values())
+    return torch.tensor(sorted({processor.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}))
+
+
+def run_language_stage(stage: int, model, processor, pool: FeaturePool, seconds: float, seed: int,
+                       batch_size: int, lr: float) -> int:
+    """Stage 2 (text only) or 3 (on the pool's image features): trains the language model alone."""
+    params = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, stage, pool), batch_size=None,
+                                         num_workers=1, prefetch_factor=4)
+    keywords = keyword_ids(processor)
+    batches, t0, step, ema = iter(loader), time.time(), 0, None
+    while (elapsed := time.time() - t0) < seconds:
+        _schedule(optimizer, lr, step, elapsed / seconds)
+        batch = next(batches)
+        features = pool.features[batch["rows"]].flatten(0, 1) if stage == 3 else None
+        loss = language_loss(model, batch, features, keywords)
+        _optimise(optimizer, params, loss)
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        _log(stage, step, elapsed, ema)
+    return step
+
+
+def train(minutes: float, vision_share: float, text_seconds: float, pool_size: int, seed: int,
+          batch_size: int, lr: float, language_lr: float):
     out = builder.build(OUT, seed=seed)
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
-    model.train()
     torch.manual_seed(seed)
-    heads = CellHeads(model.config.text_config.hidden_size)
-    budget = minutes * 60
-    t0 = time.time()
-    steps = [run_stage(1, model, processor, heads, budget * vision_share, seed, 2 * batch_size, lr)]
-    steps.append(run_stage(2, model, processor, heads, budget - (time.time() - t0), seed, batch_size, lr))
+    budget, t0 = minutes * 60, time.time()
+    model.train()
+    steps = {"vision_pretraining": run_vision_stage(model, processor, budget * vision_share, seed, batch_size, lr)}
+    model.eval()  # vision is frozen from here on; only the language model trains
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
+        p.requires_grad_(True)
+    pool = FeaturePool(model, processor, pool_size, seed)
+    model.model.language_model.train()
+    steps["text_warmup"] = run_language_stage(2, model, processor, pool, text_seconds, seed, 4 * batch_size,
+                                              language_lr)
+    steps["chat"] = run_language_stage(3, model, processor, pool, budget - (time.time() - t0), seed,
+                                       batch_size, language_lr)
     model.eval()
     return model, processor, steps, time.time() - t0
 
@@ -260,15 +359,20 @@ def write_model_card(out: Path, report: dict, parameters: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=19.0, help="training time budget (both stages)")
-    parser.add_argument("--vision-share", type=float, default=0.4, help="share of the budget for stage 1")
+    parser.add_argument("--minutes", type=float, default=19.0, help="training time budget (all stages)")
+    parser.add_argument("--vision-share", type=float, default=0.5, help="share of the budget for stage 1")
+    parser.add_argument("--text-seconds", type=float, default=60.0, help="stage 2 (text warm-up) time")
+    parser.add_argument("--pool", type=int, default=1536, help="images whose features stage 3 trains on")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="conversations per step (stage 1: twice as many images)")
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="conversations per stage-3 step (stage 1: as many images; stage 2: four times as many)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="stage 1 learning rate")
+    parser.add_argument("--language-lr", type=float, default=2e-3, help="stages 2 and 3 learning rate")
     parser.add_argument("--eval-per-type", type=int, default=100)
     args = parser.parse_args()
 
-    model, processor, steps, seconds = train(args.minutes, args.vision_share, args.seed, args.batch_size, args.lr)
+    model, processor, steps, seconds = train(args.minutes, args.vision_share, args.text_seconds, args.pool, args.seed,
+                                             args.batch_size, args.lr, args.language_lr)
     # Only the weights change: the builder's config, tokenizer and processor files stay as written.
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -277,7 +381,8 @@ def main() -> None:
     eval_seed = 10_000 + args.seed
     report = {
         "seed": args.seed,
-        "steps": {"vision_pretraining": steps[0], "chat": steps[1]},
+        "steps": steps,
+        "pool_images": args.pool,
         "train_seconds": round(seconds),
         "batch_size": args.batch_size,
         "eval_per_type": args.eval_per_type,

@@ -62,6 +62,14 @@ def test_the_bundled_checkpoint_answers_what_it_sees(chat):
     chat.page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
+def test_it_tells_the_first_image_from_the_second(chat):
+    """Two images in one message, then a third image in a later turn: "first"/"second" pick the right one."""
+    chat.send("What colour is the second image?", str(EXAMPLES / "blue_square.png"), str(EXAMPLES / "yellow_circle.png"))
+    assert chat.wait_reply_done().strip() == "The second image is yellow."
+    chat.send("What colour is the first image?")
+    assert chat.wait_reply_done().strip() == "The first image is blue."
+
+
 def test_examples_fill_the_box_and_get_right_answers(chat):
     chat.page.get_by_text("What shape is it?").first.click()
     chat.page.wait_for_function("() => document.querySelectorAll('#chat-input img').length === 1")

@@ -13,21 +13,79 @@ def train_module():
     return load_script("train_tiny_checkpoint"), load_script("shapes")
 
 
+def _images(sample) -> list:
+    return [b["image"] for m in sample.messages for b in m["content"] if b["type"] == "image"]
+
+
+def _with_answer(sample) -> list[dict]:
+    return [*sample.messages, {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]}]
+
+
 @pytest.mark.parametrize("kind", ["colour", "shape", "count", "order", "order_turns"])
 def test_labels_cover_every_answer_and_its_end_of_sentence(handle, train_module, kind):
     train, shapes = train_module
     rng = random.Random(1)
     samples = [shapes.sample(rng, "train", kind) for _ in range(2)]
-    batch = train.encode_batch(handle.processor, samples)
     eos = handle.processor.tokenizer.eos_token
-    for i, s in enumerate(samples):
-        labels = batch["labels"][i]
-        supervised = handle.processor.tokenizer.decode(labels[labels != -100])
-        answers = [b["text"] for m in s.messages if m["role"] == "assistant" for b in m["content"]] + [s.answer]
-        assert supervised == "".join(f" {a}{eos}" for a in answers)
-        assert s.keyword in s.answer
-        n_images = sum(b["type"] == "image" for m in s.messages for b in m["content"])
-        assert (batch["input_ids"][i] == handle.processor.image_token_id).sum() == 576 * n_images
+    for images in (True, False):  # stage 3 (with images) and stage 2 (text warm-up, images left out)
+        batch = train.encode_text(handle.processor, samples, images=images)
+        for i, s in enumerate(samples):
+            labels = batch["labels"][i]
+            supervised = handle.processor.tokenizer.decode(labels[labels != -100])
+            answers = [b["text"] for m in s.messages if m["role"] == "assistant" for b in m["content"]] + [s.answer]
+            assert supervised == "".join(f" {a}{eos}" for a in answers)
+            assert s.keyword in s.answer
+            n_images = len(_images(s)) if images else 0
+            assert (batch["input_ids"][i] == handle.processor.image_token_id).sum() == 576 * n_images
+            # Right padding: the row ends with the last answer's end-of-sentence token.
+            assert batch["attention_mask"][i].sum() == (labels != -100).nonzero().max() + 1
+
+
+@pytest.mark.parametrize("kind", ["colour", "order", "order_turns"])
+def test_training_ids_are_the_processors_own(handle, train_module, kind):
+    """Stage 3 never runs the processor on pixels, so its ids must equal what the processor makes."""
+    train, shapes = train_module
+    sample = shapes.sample(random.Random(2), "train", kind)
+    text = handle.processor.apply_chat_template(_with_answer(sample)) + handle.processor.tokenizer.eos_token
+    expected = handle.processor(text=[text], images=[_images(sample)], return_tensors="pt")["input_ids"][0]
+    assert torch.equal(train.encode_text(handle.processor, [sample])["input_ids"][0], expected)
+
+
+def test_loss_on_cached_features_is_the_models_own_loss(random_handle, train_module):
+    """The stage-3 shortcut (cached image features in place of pixels) computes the model's forward."""
+    train, shapes = train_module
+    model, processor = random_handle.model, random_handle.processor
+    for kind in ("order", "order_turns", "count"):
+        sample = shapes.sample(random.Random(4), "train", kind)
+        batch = train.encode_text(processor, [sample])
+        text = processor.apply_chat_template(_with_answer(sample)) + processor.tokenizer.eos_token
+        inputs = processor(text=[text], images=[_images(sample)], return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**inputs, labels=batch["labels"]).loss
+            features = model.model.get_image_features(inputs["pixel_values"], inputs["high_res_pixel_values"])
+            ours = train.language_loss(model, batch, features.pooler_output.flatten(0, 1),
+                                       train.keyword_ids(processor), keyword_weight=1.0)
+        assert torch.allclose(ours, expected, atol=1e-5), (kind, ours, expected)
+
+
+def test_feature_pool_draws_what_is_asked_and_caches_its_features(random_handle, train_module):
+    train, shapes = train_module
+    model, processor = random_handle.model, random_handle.processor
+    pool = train.FeaturePool(model, processor, size=24, seed=5, batch=8)
+    rng = random.Random(0)
+    assert {len(d.shapes) for d in pool.drawn} == {1, 2, 3, 4} or len(pool.by_count[1]) >= 16
+    for n in shapes.NUMBERS:
+        assert all(len(d.shapes) == n for d in pool.by_count[n])
+    for colour in {d.shapes[0][1] for d in pool.by_count[1]}:
+        drawn = pool.draw(rng, "train", colour=colour)
+        assert len(drawn.shapes) == 1 and drawn.shapes[0][1] == colour
+    sample = shapes.sample(rng, "train", "order", draw=pool.draw)
+    assert all(id(d) in pool.row for d in sample.drawn)
+    drawn = sample.drawn[1]
+    pixels = processor.image_processor([drawn.image], return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels["pixel_values"], pixels["high_res_pixel_values"]).pooler_output
+    assert torch.allclose(pool.features[pool.row[id(drawn)]], features[0], atol=1e-5)
 
 
 def test_judging_needs_exactly_the_expected_word(train_module):
