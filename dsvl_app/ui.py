@@ -316,8 +316,9 @@ class ChatApp:
         with gr.Row():
             self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm")
             self.clear_btn = gr.Button("🗑 Clear", elem_id="clear", size="sm")
-        # Questions the bundled tiny checkpoint was trained on (its colour and shape answers are right; its
-        # count and first/second answers often are not, as its banner says); real weights answer them all.
+        # Questions the bundled tiny checkpoint was trained on (its colour, shape and first/second answers
+        # are right; its counts often are not — it says "four" for three_shapes.png — as its banner says);
+        # real weights answer them all.
         examples = [
             {"text": "What colour is the shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]},
             {"text": "What shape is it?", "files": [str(EXAMPLES_DIR / "green_triangle.png")]},
