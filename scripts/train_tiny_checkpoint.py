@@ -139,8 +139,8 @@ class FeaturePool:
     def draw(self, rng: random.Random, split: str, count: int = 1, colour: str | None = None,
              shape: str | None = None, scale=None) -> shapes.Drawn:
         choices = self.by_colour[colour] if colour else self.by_count[count]
-        if shape:
-            choices = [d for d in choices if d.shapes[0][0] == shape] or choices
+        if shape:  # never silently another shape: an empty choice raises
+            choices = [d for d in choices if d.shapes[0][0] == shape]
         return rng.choice(choices)
 
 
