@@ -132,14 +132,19 @@ def test_training_is_reproducible_step_for_step(train_module, tmp_path):
     path = load_script("build_tiny_checkpoint").build(tmp_path / "ckpt", seed=0)
     processor = AutoProcessor.from_pretrained(path)
 
-    def run() -> dict[str, torch.Tensor]:
+    def run(vision_from=None) -> dict[str, torch.Tensor]:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
         torch.manual_seed(0)
         model.train()
-        train.run_vision_stage(model, processor, 2, seed=0, batch_size=2, lr=3e-3)
+        if vision_from:
+            train.load_vision(model, vision_from)
+        else:
+            train.run_vision_stage(model, processor, 2, seed=0, batch_size=2, lr=3e-3)
         train.freeze_vision(model)
         pool = train.FeaturePool(model, processor, size=96, seed=0, batch=16)
         train.run_language_stage(3, model, processor, pool, 2, seed=0, batch_size=2, lr=2e-3)
+        if not vision_from:
+            model.save_pretrained(tmp_path / "trained")
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     first, second = run(), run()
@@ -147,3 +152,19 @@ def test_training_is_reproducible_step_for_step(train_module, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     changed = {k for k in first if not torch.equal(first[k], initial[k])}
     assert any("vision_model" in k for k in changed) and any("language_model.layers" in k for k in changed)
+    # --vision-from: the towers of a trained checkpoint in place of stage 1 train the same language model.
+    reused = run(vision_from=tmp_path / "trained")
+    assert all(torch.equal(first[k], reused[k]) for k in first)
+
+
+def test_vision_weights_come_only_from_a_matching_checkpoint(train_module, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    train, _ = train_module
+    path = load_script("build_tiny_checkpoint").build(tmp_path / "ckpt", seed=0)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    (tmp_path / "other").mkdir()
+    save_file({"something.else": torch.zeros(2)}, tmp_path / "other" / "model.safetensors")
+    with pytest.raises(ValueError, match="vision weights"):
+        train.load_vision(model, tmp_path / "other")
