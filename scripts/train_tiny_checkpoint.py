@@ -256,10 +256,15 @@ def _log(stage: int, step: int, t0: float, ema: float, every: int = 25) -> None:
         print(f"stage {stage} step {step:5d}  {time.time() - t0:6.0f}s  loss {ema:.4f}", flush=True)
 
 
+def is_vision_weight(name: str) -> bool:
+    """Towers and aligner (stage 1), as opposed to the language model and its head (stages 2-3)."""
+    return "language_model" not in name and "lm_head" not in name
+
+
 def run_vision_stage(model, processor, steps: int, seed: int, batch_size: int, lr: float) -> None:
     """Stage 1: towers and aligner learn per-cell labels."""
     heads = CellHeads(model.config.text_config.hidden_size)
-    params = [p for n, p in model.named_parameters() if "language_model" not in n and "lm_head" not in n]
+    params = [p for n, p in model.named_parameters() if is_vision_weight(n)]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.01)
     loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, 1), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
@@ -344,10 +349,9 @@ def load_vision(model, checkpoint: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    vision = {k: v for k, v in load_file(checkpoint / "model.safetensors").items()
-              if "language_model" not in k and "lm_head" not in k}
+    vision = {k: v for k, v in load_file(checkpoint / "model.safetensors").items() if is_vision_weight(k)}
     missing, unexpected = model.load_state_dict(vision, strict=False)
-    if unexpected or any("language_model" not in k and "lm_head" not in k for k in missing):
+    if unexpected or any(is_vision_weight(k) for k in missing):
         raise ValueError(f"{checkpoint} does not hold this model's vision weights: {missing + unexpected}")
 
 
@@ -407,6 +411,9 @@ def main() -> None:
                         help="skip stage 1: take the towers and aligner from this checkpoint directory (a copy, "
                              "since the output directory is rebuilt)")
     args = parser.parse_args()
+    if args.vision_from and args.vision_from.resolve() == OUT.resolve():
+        # The output directory is rebuilt with random weights before the towers would be read from it.
+        parser.error(f"--vision-from must be a copy of {OUT}, not the output directory itself")
 
     steps = {"vision_pretraining": args.vision_steps, "text_warmup": args.text_steps, "chat": args.chat_steps}
     if args.vision_from:
