@@ -184,18 +184,41 @@ class Batches(torch.utils.data.IterableDataset):
             index += 1
 
 
+class AttentionPool(torch.nn.Module):
+    """Reads one image's cells the way the language model's attention can: a few softmax-weighted means."""
+
+    def __init__(self, hidden: int, out: int, heads: int = 4, width: int = 32):
+        super().__init__()
+        self.heads, self.width = heads, width
+        self.key = torch.nn.Linear(hidden, heads)
+        self.value = torch.nn.Linear(hidden, heads * width)
+        self.out = torch.nn.Sequential(torch.nn.GELU(), torch.nn.Linear(heads * width, out))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        weights = self.key(features).softmax(dim=1)  # (images, cells, heads)
+        values = self.value(features).view(*features.shape[:2], self.heads, self.width)
+        return self.out((weights[..., None] * values).sum(dim=1).flatten(1))
+
+
 class CellHeads(torch.nn.Module):
-    """Linear read-outs of the aligner's per-cell features; training only, never saved.
+    """Read-outs of the aligner's per-cell features; training only, never saved.
 
     The chat loss gives one useful token per answer; per-cell labels give hundreds per image, which is
-    what lets the tiny towers learn shapes at all within the budget (measured).
+    what lets the tiny towers learn shapes at all within the budget (measured). Count is an image-level
+    fact: every cell guesses it, and with `pooled_count` an attention pool also reads it from all cells
+    at once, as the language model must. That gradient teaches the towers features that pool into a
+    count: an attention probe on frozen towers reads 88 % of held-out counts with it, 75 % without
+    (measured). Off by default: the language model has not yet learned to read it as well (72 %) and
+    image order was lost in that run, so the shipped recipe stays as it was.
     """
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, pooled_count: bool = False):
         super().__init__()
         self.colour = torch.nn.Linear(hidden, len(shapes.COLOURS) + 1)
         self.shape = torch.nn.Linear(hidden, len(shapes.SHAPES) + 1)
         self.count = torch.nn.Linear(hidden, len(shapes.NUMBERS))
+        # Built only when asked, so the default recipe draws the same random numbers as before.
+        self.pooled_count = AttentionPool(hidden, len(shapes.NUMBERS)) if pooled_count else None
 
     def loss(self, features: torch.Tensor, cells: dict[str, torch.Tensor]) -> torch.Tensor:
         f = torch.nn.functional
@@ -203,10 +226,13 @@ class CellHeads(torch.nn.Module):
         colour, shape, count = self.colour(features), self.shape(features), self.count(features)
         edge = cells["edge"]
         per_cell_count = cells["count"][:, None].expand(-1, features.shape[1])
-        return (f.cross_entropy(colour.flatten(0, 1), cells["colour"].flatten())
+        loss = (f.cross_entropy(colour.flatten(0, 1), cells["colour"].flatten())
                 + f.cross_entropy(shape.flatten(0, 1), cells["shape"].flatten())
                 + 2 * f.cross_entropy(shape[edge], cells["shape"][edge])
                 + f.cross_entropy(count.flatten(0, 1), per_cell_count.flatten()))
+        if self.pooled_count is not None:
+            loss = loss + f.cross_entropy(self.pooled_count(features), cells["count"])
+        return loss
 
 
 def judge(kind: str, reply: str, keyword: str) -> bool:
@@ -261,9 +287,10 @@ def is_vision_weight(name: str) -> bool:
     return "language_model" not in name and "lm_head" not in name
 
 
-def run_vision_stage(model, processor, steps: int, seed: int, batch_size: int, lr: float) -> None:
-    """Stage 1: towers and aligner learn per-cell labels."""
-    heads = CellHeads(model.config.text_config.hidden_size)
+def run_vision_stage(model, processor, steps: int, seed: int, batch_size: int, lr: float,
+                     pooled_count: bool = False) -> None:
+    """Stage 1: towers and aligner learn per-cell labels (and, with `pooled_count`, an image-level count)."""
+    heads = CellHeads(model.config.text_config.hidden_size, pooled_count)
     params = [p for n, p in model.named_parameters() if is_vision_weight(n)]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.01)
     loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, 1), batch_size=None,
@@ -356,7 +383,7 @@ def load_vision(model, checkpoint: Path) -> None:
 
 
 def train(steps: dict[str, int], pool_size: int, seed: int, batch_size: int, lr: float, language_lr: float,
-          vision_from: Path | None = None):
+          vision_from: Path | None = None, pooled_count: bool = False):
     out = builder.build(OUT, seed=seed)
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
@@ -366,7 +393,7 @@ def train(steps: dict[str, int], pool_size: int, seed: int, batch_size: int, lr:
     if vision_from:
         load_vision(model, vision_from)
     else:
-        run_vision_stage(model, processor, steps["vision_pretraining"], seed, batch_size, lr)
+        run_vision_stage(model, processor, steps["vision_pretraining"], seed, batch_size, lr, pooled_count)
     freeze_vision(model)
     pool = FeaturePool(model, processor, pool_size, seed)
     run_language_stage(2, model, processor, pool, steps["text_warmup"], seed, 4 * batch_size, language_lr)
@@ -410,6 +437,9 @@ def main() -> None:
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="skip stage 1: take the towers and aligner from this checkpoint directory (a copy, "
                              "since the output directory is rebuilt)")
+    parser.add_argument("--pooled-count", action="store_true",
+                        help="experimental: stage 1 also learns the count through an attention pool over all cells "
+                             "(towers then hold count far better; the language model does not read it yet)")
     args = parser.parse_args()
     if args.vision_from and args.vision_from.resolve() == OUT.resolve():
         # The output directory is rebuilt with random weights before the towers would be read from it.
@@ -419,7 +449,7 @@ def main() -> None:
     if args.vision_from:
         steps["vision_pretraining"] = f"taken from {args.vision_from}"
     model, processor, seconds = train(steps, args.pool, args.seed, args.batch_size, args.lr, args.language_lr,
-                                      args.vision_from)
+                                      args.vision_from, args.pooled_count)
     # Only the weights change: the builder's config, tokenizer and processor files stay as written.
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -432,6 +462,7 @@ def main() -> None:
         "pool_images": args.pool,
         "train_seconds": round(seconds),
         "batch_size": args.batch_size,
+        **({"pooled_count": True} if args.pooled_count else {}),
         "eval_per_type": args.eval_per_type,
         "heldout_accuracy": evaluate(model, processor, args.eval_per_type, eval_seed),
         "ablation_high_res_blanked": evaluate(model, processor, args.eval_per_type, eval_seed,

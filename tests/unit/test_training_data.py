@@ -168,3 +168,36 @@ def test_vision_weights_come_only_from_a_matching_checkpoint(train_module, tmp_p
     save_file({"something.else": torch.zeros(2)}, tmp_path / "other" / "model.safetensors")
     with pytest.raises(ValueError, match="vision weights"):
         train.load_vision(model, tmp_path / "other")
+
+
+def test_pooled_count_reads_each_image_as_a_whole(train_module):
+    """Stage 1's count pool sees only its own image's cells, wherever they are (like attention over tokens)."""
+    train, _ = train_module
+    torch.manual_seed(0)
+    pool = train.AttentionPool(hidden=8, out=4)
+    features = torch.randn(2, 576, 8)
+    out = pool(features)
+    shuffled = features[:, torch.randperm(576)]
+    assert torch.allclose(pool(shuffled), out, atol=1e-5)
+    other = features.clone()
+    other[1] = torch.randn(576, 8)
+    changed = pool(other)
+    assert torch.equal(changed[0], out[0]) and not torch.allclose(changed[1], out[1])
+
+
+def test_pooled_count_trains_the_towers_only_when_asked(train_module, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    train, _ = train_module
+    path = load_script("build_tiny_checkpoint").build(tmp_path / "ckpt", seed=0)
+    processor = AutoProcessor.from_pretrained(path)
+
+    def towers(pooled_count: bool) -> torch.Tensor:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        torch.manual_seed(0)
+        model.train()
+        train.run_vision_stage(model, processor, 2, seed=0, batch_size=2, lr=3e-3, pooled_count=pooled_count)
+        return model.model.vision_model.embeddings.patch_embedding.weight.detach().clone()
+
+    assert not torch.equal(towers(False), towers(True))
+    assert train.CellHeads(16).pooled_count is None  # the default recipe builds no pool: same random draws
