@@ -1,18 +1,22 @@
 """Train the bundled tiny DeepSeek-VL-Hybrid checkpoint to answer simple visual questions.
 
 Seeded, CPU only. Builds the untrained checkpoint with build_tiny_checkpoint.py (real classes,
-processor, chat template) and trains it in three stages, the way real vision-language models are
+processor, chat template) and trains it in four stages, the way real vision-language models are
 made from a pretrained vision encoder and a pretrained language model:
 
 1. vision pretraining: the SigLIP and SAM towers and the aligner learn per-cell labels on the
    24x24 grid the language model sees (which colour and which shape covers each cell, and how many
-   shapes the image holds), through small linear heads that are thrown away afterwards;
+   shapes the image holds), through small heads that are thrown away afterwards — one of them
+   reads the count from all cells at once through attention, as the language model must;
 2. text warm-up: the language model alone learns the chat format from the same conversations with
    the images left out. This is where it learns to copy "first"/"second" from the question: it
    never learns that once 1,152 image tokens dilute its attention (measured);
-3. chat: vision frozen, the features of a pool of images are computed once and the language model
-   learns the conversations (single- and multi-image, multi-turn) on them, which makes a step about
-   three times cheaper than running the towers and so gives it the steps image order needs.
+3. counting: vision frozen, the features of a pool of 1-4-shape images are computed once and the
+   language model answers "how many" about them. Reading a count from 576 image tokens takes
+   ten times the practice the mixed chat stage can give it (measured);
+4. chat: the language model learns all the conversations (single- and multi-image, multi-turn) on
+   a second pool of cached features. A cached step costs about a third of one through the towers,
+   which buys the steps image order needs.
 
 It then writes the weights to assets/ together with `accuracy.json`: held-out accuracy per question
 type (on fresh images through the real processor and `generate`) and the vision-branch ablations.
@@ -20,9 +24,9 @@ type (on fresh images through the real processor and `generate`) and the vision-
 Every stage runs a fixed number of steps (not a time budget), so the same seed gives the same
 training on any machine; the defaults take about 19 minutes on a 2-core CPU.
 
-    python scripts/train_tiny_checkpoint.py [--vision-steps 720] [--chat-steps 950] [--eval-per-type 100]
+    python scripts/train_tiny_checkpoint.py [--vision-steps 680] [--count-steps 400] [--chat-steps 950]
 
-To iterate on stages 2 and 3 in a third of the time, `--vision-from DIR` takes the towers from a
+To iterate on stages 2-4 in half the time, `--vision-from DIR` takes the towers from a
 trained checkpoint (a copy of assets/tiny-dsvl-hybrid) instead of running stage 1; the result is the
 same as a full run ending in those towers (a unit test checks it).
 """
@@ -94,7 +98,7 @@ def encode_text(processor, samples: list[shapes.Sample], images: bool = True) ->
     """Input ids, attention mask and labels (every assistant answer and its end-of-sentence token).
 
     The ids are the processor's own (a unit test compares them); the pixels are not computed here
-    because stage 3 takes image features from the pool. `images=False` drops the images (stage 2).
+    because stages 3 and 4 take image features from a pool. `images=False` drops the images (stage 2).
     """
     rows = []
     for s in samples:
@@ -128,17 +132,19 @@ class FeaturePool:
     `shapes.sample(..., draw=pool.draw)` builds conversations whose image features are cached.
     """
 
-    def __init__(self, model, processor, size: int, seed: int, batch: int = 32):
+    def __init__(self, model, processor, size: int, seed: int, batch: int = 32, counting: bool = False):
         rng = random.Random(seed)
-        # Two thirds single shapes (colour, shape and order questions), one third 1-4 shapes (count).
-        self.drawn = [shapes.draw_image(rng, "train", count=1 if i % 3 else rng.randint(1, 4)) for i in range(size)]
+        # Chat: two thirds single shapes (colour, shape and order questions), one third 1-4 shapes (count).
+        # Counting: all 1-4 shapes.
+        self.drawn = [shapes.draw_image(rng, "train", count=rng.randint(1, 4) if counting or not i % 3 else 1)
+                      for i in range(size)]
         self.row = {id(d): i for i, d in enumerate(self.drawn)}
         self.by_count = {n: [d for d in self.drawn if len(d.shapes) == n] for n in shapes.NUMBERS}
         self.by_colour = {c: [d for d in self.by_count[1] if d.shapes[0][1] == c] for c in shapes.COLOURS}
-        # The processor runs in a worker process while the towers encode the previous chunk.
+        # The processor (the slow part) runs in two worker processes while the towers encode earlier chunks.
         chunks = [self.drawn[i:i + batch] for i in range(0, size, batch)]
         loader = torch.utils.data.DataLoader(
-            chunks, batch_size=None, num_workers=1, prefetch_factor=2,
+            chunks, batch_size=None, num_workers=2, prefetch_factor=2,
             collate_fn=lambda chunk: processor.image_processor([d.image for d in chunk], return_tensors="pt"))
         features = []
         with torch.no_grad():
@@ -158,6 +164,7 @@ class FeaturePool:
 # Single-image and two-image questions go in separate batches: padding a one-image conversation to
 # two images' length would double its cost.
 SINGLE, PAIRS = ("colour", "shape", "count"), ("order", "order_turns")
+VISION, TEXT, COUNTING, CHAT = 1, 2, 3, 4  # the stages
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -171,14 +178,16 @@ class Batches(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 10 + self.stage)
         index = 0
         while True:
-            if self.stage == 1:
+            if self.stage == VISION:
                 drawn = [shapes.draw_image(rng, "train", count=rng.randint(1, 4)) for _ in range(self.batch_size)]
                 yield encode_vision_batch(self.processor, drawn)
             else:
-                kinds = PAIRS if index % 2 else SINGLE
+                # Two steps in three are two-image conversations: with one in two, image order was learned only
+                # partly (a two-image answer often blended both images' colours: 86 %) or not at all (measured).
+                kinds = ("count",) if self.stage == COUNTING else PAIRS if index % 3 else SINGLE
                 samples = [shapes.sample(rng, "train", rng.choice(kinds), draw=self.pool.draw)
                            for _ in range(self.batch_size)]
-                batch = encode_text(self.processor, samples, images=self.stage == 3)
+                batch = encode_text(self.processor, samples, images=self.stage != TEXT)
                 batch["rows"] = torch.tensor([self.pool.row[id(d)] for s in samples for d in s.drawn])
                 yield batch
             index += 1
@@ -205,19 +214,17 @@ class CellHeads(torch.nn.Module):
 
     The chat loss gives one useful token per answer; per-cell labels give hundreds per image, which is
     what lets the tiny towers learn shapes at all within the budget (measured). Count is an image-level
-    fact: every cell guesses it, and with `pooled_count` an attention pool also reads it from all cells
-    at once, as the language model must. That gradient teaches the towers features that pool into a
-    count: an attention probe on frozen towers reads 88 % of held-out counts with it, 75 % without
-    (measured). Off by default: in chat runs on such towers the language model read only 64-72 % and
-    learned image order in one run of three, so the shipped recipe stays as it was.
+    fact: every cell guesses it, and an attention pool also reads it from all cells at once, as the
+    language model must. That gradient teaches the towers features that pool into a count: an
+    attention probe on frozen towers reads 88 % of held-out counts with it, 75 % without (measured).
+    `pooled_count=False` leaves it out (the recipe before it, for comparisons).
     """
 
-    def __init__(self, hidden: int, pooled_count: bool = False):
+    def __init__(self, hidden: int, pooled_count: bool = True):
         super().__init__()
         self.colour = torch.nn.Linear(hidden, len(shapes.COLOURS) + 1)
         self.shape = torch.nn.Linear(hidden, len(shapes.SHAPES) + 1)
         self.count = torch.nn.Linear(hidden, len(shapes.NUMBERS))
-        # Built only when asked, so the default recipe draws the same random numbers as before.
         self.pooled_count = AttentionPool(hidden, len(shapes.NUMBERS)) if pooled_count else None
 
     def loss(self, features: torch.Tensor, cells: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -283,43 +290,55 @@ def _log(stage: int, step: int, t0: float, ema: float, every: int = 25) -> None:
 
 
 def is_vision_weight(name: str) -> bool:
-    """Towers and aligner (stage 1), as opposed to the language model and its head (stages 2-3)."""
+    """Towers and aligner (stage 1), as opposed to the language model and its head (stages 2-4)."""
     return "language_model" not in name and "lm_head" not in name
 
 
 def run_vision_stage(model, processor, steps: int, seed: int, batch_size: int, lr: float,
-                     pooled_count: bool = False) -> None:
-    """Stage 1: towers and aligner learn per-cell labels (and, with `pooled_count`, an image-level count)."""
+                     pooled_count: bool = True) -> None:
+    """Stage 1: towers and aligner learn per-cell labels and the image's count (see `CellHeads`)."""
     heads = CellHeads(model.config.text_config.hidden_size, pooled_count)
     params = [p for n, p in model.named_parameters() if is_vision_weight(n)]
     optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.01)
-    loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, 1), batch_size=None,
+    loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, VISION), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
     batches, t0, ema = iter(loader), time.time(), None
-    for step in range(steps):
-        _schedule(optimizer, lr, step, steps)
-        batch = next(batches)
-        features = model.model.get_image_features(batch["pixel_values"], batch["high_res_pixel_values"])
-        loss = heads.loss(features.pooler_output, batch["cells"])
-        _optimise(optimizer, params, loss)
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        _log(1, step + 1, t0, ema)
+    # The batch worker resizes every image to 1024 px on one core; a second intra-op thread here would
+    # only contend with it (75 steps: 51 s with one thread, 69 s with two, measured). One thread also
+    # keeps stage 1's numerics independent of the machine's core count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            _schedule(optimizer, lr, step, steps)
+            batch = next(batches)
+            features = model.model.get_image_features(batch["pixel_values"], batch["high_res_pixel_values"])
+            loss = heads.loss(features.pooler_output, batch["cells"])
+            _optimise(optimizer, params, loss)
+            ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+            _log(VISION, step + 1, t0, ema)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def language_loss(model, batch: dict, features: torch.Tensor | None, keyword_ids: torch.Tensor,
                   keyword_weight: float = 3.0) -> torch.Tensor:
     """Next-token loss on the answers, computed from cached image features instead of pixels.
 
-    Same computation as the model's own forward (a unit test compares the logits): image features
+    Same computation as the model's own forward (a unit test compares the loss): image features
     replace the image tokens' embeddings, then the language model and its head run. Answer words
     (colours, shapes, numbers) weigh more: the rest of each answer is fixed wording.
+
+    No attention mask: batches are right-padded, so causal attention already keeps every real token
+    from the padding after it, and without a mask SDPA takes its fused causal kernel — a language
+    step about a third faster (measured; a unit test checks padding changes nothing).
     """
     language_model = model.model.language_model
     ids = batch["input_ids"]
     embeds = language_model.embed_tokens(ids)
     if features is not None:
         embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
-    hidden = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = language_model(inputs_embeds=embeds).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     targets = targets[keep]
@@ -336,11 +355,11 @@ def keyword_ids(processor) -> torch.Tensor:
 
 def run_language_stage(stage: int, model, processor, pool: FeaturePool, steps: int, seed: int,
                        batch_size: int, lr: float) -> None:
-    """Stage 2 (text only) or 3 (on the pool's image features): trains the language model alone."""
+    """Stage 2 (text only), 3 or 4 (on the pool's image features): trains the language model alone."""
     # The head is tied to the token embeddings, so that weight is listed twice and AdamW updates it twice
     # a step (torch warns). It is a quirk of the recipe that trained the shipped weights, kept on purpose:
     # listed once, a run of the same recipe reached 46 % on image order instead of 100 % (measured) —
-    # whether order emerges within the chat steps is sensitive to any change in stage 3.
+    # whether order emerges within the chat steps is sensitive to any change in stage 4.
     params = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, stage, pool), batch_size=None,
@@ -350,7 +369,7 @@ def run_language_stage(stage: int, model, processor, pool: FeaturePool, steps: i
     for step in range(steps):
         _schedule(optimizer, lr, step, steps)
         batch = next(batches)
-        features = pool.features[batch["rows"]].flatten(0, 1) if stage == 3 else None
+        features = pool.features[batch["rows"]].flatten(0, 1) if stage != TEXT else None
         loss = language_loss(model, batch, features, keywords)
         _optimise(optimizer, params, loss)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
@@ -382,8 +401,8 @@ def load_vision(model, checkpoint: Path) -> None:
         raise ValueError(f"{checkpoint} does not hold this model's vision weights: {missing + unexpected}")
 
 
-def train(steps: dict[str, int], pool_size: int, seed: int, batch_size: int, lr: float, language_lr: float,
-          vision_from: Path | None = None, pooled_count: bool = False):
+def train(steps: dict[str, int], pools: dict[str, int], seed: int, batch_size: int, lr: float, language_lr: float,
+          vision_from: Path | None = None):
     out = builder.build(OUT, seed=seed)
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
@@ -393,11 +412,13 @@ def train(steps: dict[str, int], pool_size: int, seed: int, batch_size: int, lr:
     if vision_from:
         load_vision(model, vision_from)
     else:
-        run_vision_stage(model, processor, steps["vision_pretraining"], seed, batch_size, lr, pooled_count)
+        run_vision_stage(model, processor, steps["vision_pretraining"], seed, batch_size, lr)
     freeze_vision(model)
-    pool = FeaturePool(model, processor, pool_size, seed)
-    run_language_stage(2, model, processor, pool, steps["text_warmup"], seed, 4 * batch_size, language_lr)
-    run_language_stage(3, model, processor, pool, steps["chat"], seed, batch_size, language_lr)
+    pool = FeaturePool(model, processor, pools["chat"], seed)
+    run_language_stage(TEXT, model, processor, pool, steps["text_warmup"], seed, 4 * batch_size, language_lr)
+    counting = FeaturePool(model, processor, pools["counting"], seed + 1, counting=True)
+    run_language_stage(COUNTING, model, processor, counting, steps["counting"], seed, 2 * batch_size, language_lr)
+    run_language_stage(CHAT, model, processor, pool, steps["chat"], seed, batch_size, language_lr)
     model.eval()
     return model, processor, time.time() - t0
 
@@ -424,32 +445,34 @@ def write_model_card(out: Path, report: dict, parameters: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Image order emerges suddenly after ~900 chat steps (measured): fewer chat steps lose it.
-    parser.add_argument("--vision-steps", type=int, default=720, help="stage 1 steps (vision pretraining)")
+    parser.add_argument("--vision-steps", type=int, default=680, help="stage 1 steps (vision pretraining)")
     parser.add_argument("--text-steps", type=int, default=420, help="stage 2 steps (text warm-up)")
-    parser.add_argument("--chat-steps", type=int, default=950, help="stage 3 steps (chat on cached features)")
-    parser.add_argument("--pool", type=int, default=1536, help="images whose features stage 3 trains on")
+    parser.add_argument("--count-steps", type=int, default=400, help="stage 3 steps (counting on cached features)")
+    parser.add_argument("--chat-steps", type=int, default=950, help="stage 4 steps (chat on cached features)")
+    parser.add_argument("--count-pool", type=int, default=2048, help="1-4-shape images stage 3 counts")
+    parser.add_argument("--pool", type=int, default=1536, help="images whose features stages 2 and 4 train on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="conversations per stage-3 step (stage 1: as many images; stage 2: four times as many)")
+                        help="conversations per stage-4 step (stage 1: as many images; stage 2: four times as "
+                             "many; stage 3: twice as many)")
     parser.add_argument("--lr", type=float, default=3e-3, help="stage 1 learning rate")
-    parser.add_argument("--language-lr", type=float, default=2e-3, help="stages 2 and 3 learning rate")
+    parser.add_argument("--language-lr", type=float, default=2e-3, help="stages 2-4 learning rate")
     parser.add_argument("--eval-per-type", type=int, default=100)
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="skip stage 1: take the towers and aligner from this checkpoint directory (a copy, "
                              "since the output directory is rebuilt)")
-    parser.add_argument("--pooled-count", action="store_true",
-                        help="experimental: stage 1 also learns the count through an attention pool over all cells "
-                             "(towers then hold count far better; the language model does not read it yet)")
     args = parser.parse_args()
     if args.vision_from and args.vision_from.resolve() == OUT.resolve():
         # The output directory is rebuilt with random weights before the towers would be read from it.
         parser.error(f"--vision-from must be a copy of {OUT}, not the output directory itself")
 
-    steps = {"vision_pretraining": args.vision_steps, "text_warmup": args.text_steps, "chat": args.chat_steps}
+    steps = {"vision_pretraining": args.vision_steps, "text_warmup": args.text_steps, "counting": args.count_steps,
+             "chat": args.chat_steps}
     if args.vision_from:
         steps["vision_pretraining"] = f"taken from {args.vision_from}"
-    model, processor, seconds = train(steps, args.pool, args.seed, args.batch_size, args.lr, args.language_lr,
-                                      args.vision_from, args.pooled_count)
+    pools = {"chat": args.pool, "counting": args.count_pool}
+    model, processor, seconds = train(steps, pools, args.seed, args.batch_size, args.lr, args.language_lr,
+                                      args.vision_from)
     # Only the weights change: the builder's config, tokenizer and processor files stay as written.
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
@@ -459,10 +482,9 @@ def main() -> None:
     report = {
         "seed": args.seed,
         "steps": steps,
-        "pool_images": args.pool,
+        "pool_images": pools,
         "train_seconds": round(seconds),
         "batch_size": args.batch_size,
-        **({"pooled_count": True} if args.pooled_count else {}),
         "eval_per_type": args.eval_per_type,
         "heldout_accuracy": evaluate(model, processor, args.eval_per_type, eval_seed),
         "ablation_high_res_blanked": evaluate(model, processor, args.eval_per_type, eval_seed,

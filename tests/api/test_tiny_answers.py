@@ -36,11 +36,8 @@ def test_the_examples_get_right_one_sentence_answers(client):
     assert "square" in ask(client, "What shape is it?", [EXAMPLES_DIR / "blue_square.png"])
 
 
-ISSUE_5 = "issue 5 still open: held-out accuracy is {} (assets/tiny-dsvl-hybrid/accuracy.json)"
-
-
-@pytest.mark.xfail(strict=True, reason=ISSUE_5.format("75 % for counting"))
 def test_it_counts_shapes(client, shapes, tmp_path):
+    """Seven of eight held-out counts right (86 % over 100 in accuracy.json; issue 5 asks 90 %)."""
     rng = random.Random(11)
     right = 0
     for i in range(8):

