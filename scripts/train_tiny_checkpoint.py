@@ -13,7 +13,7 @@ made from a pretrained vision encoder and a pretrained language model:
    never learns that once 1,152 image tokens dilute its attention (measured);
 3. counting: vision frozen, the features of a pool of 1-4-shape images are computed once and the
    language model answers "how many" about them. Reading a count from 576 image tokens takes
-   ten times the practice the mixed chat stage can give it (measured);
+   about ten times the practice the mixed chat stage can give it (estimated from measured runs);
 4. chat: the language model learns all the conversations (single- and multi-image, multi-turn) on
    a second pool of cached features. A cached step costs about a third of one through the towers,
    which buys the steps image order needs.
