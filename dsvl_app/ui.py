@@ -66,7 +66,7 @@ def banner_markdown(handle: ModelHandle) -> str:
     if handle.is_tiny:
         what += (" — a tiny demo checkpoint for offline use and tests, *not* DeepSeek-VL. It only knows simple "
                  "shapes: it names a shape's colour and kind and the colour of the first/second image reliably; "
-                 "its counts of 1-4 shapes are right most of the time, not always")
+                 "its counts of 1-4 shapes are right about nine times in ten")
     lines = [what, f"**Device:** {handle.device} · **dtype:** {str(handle.dtype).removeprefix('torch.')}"
              + (f" · **weights:** {handle.quantized}" if handle.quantized else "")]
     if not handle.has_high_res:
@@ -317,7 +317,7 @@ class ChatApp:
             self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm")
             self.clear_btn = gr.Button("🗑 Clear", elem_id="clear", size="sm")
         # Questions the bundled tiny checkpoint was trained on (its colour, shape and first/second answers
-        # are right; its counts only most of the time — it says "four" for three_shapes.png — as its banner says);
+        # are right; its counts about nine times in ten — it says "four" for three_shapes.png — as its banner says);
         # real weights answer them all.
         examples = [
             {"text": "What colour is the shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]},

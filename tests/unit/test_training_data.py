@@ -110,6 +110,41 @@ def test_feature_pool_draws_what_is_asked_and_caches_its_features(random_handle,
     with torch.no_grad():
         features = model.model.get_image_features(pixels["pixel_values"], pixels["high_res_pixel_values"]).pooler_output
     assert torch.allclose(pool.features[pool.row[id(drawn)]], features[0], atol=1e-5)
+    # Joined with the counting pool (the chat stage's pool), every image keeps its own features.
+    joined = pool.joined(counting)
+    assert len(joined.drawn) == 48 and sum(map(len, joined.by_count.values())) == 48
+    for d in (drawn, counting.drawn[-1]):
+        home = pool if id(d) in pool.row else counting
+        assert torch.equal(joined.features[joined.row[id(d)]], home.features[home.row[id(d)]])
+
+
+def _images_per_conversation(batches, n: int) -> list[int]:
+    return [len(b["rows"]) // len(b["input_ids"]) for b in (next(batches) for _ in range(n))]
+
+
+def test_chat_stage_opens_with_image_order_then_mixes(random_handle, train_module):
+    """Stage 3: two-image conversations only for its first steps, then one step in three."""
+    train, _ = train_module
+    model, processor = random_handle.model, random_handle.processor
+    pool = train.FeaturePool(model, processor, size=24, seed=5, batch=8)
+    batches = iter(train.Batches(processor, seed=0, batch_size=3, stage=train.CHAT, pool=pool, order_steps=4))
+    assert _images_per_conversation(batches, 10) == [2, 2, 2, 2, 1, 1, 2, 1, 1, 2]
+
+
+def test_counting_stage_replays_chat_every_fourth_step(random_handle, train_module):
+    """Stage 4: count questions, and every 4th step chat — alternately single- and two-image."""
+    train, _ = train_module
+    model, processor = random_handle.model, random_handle.processor
+    pool = train.FeaturePool(model, processor, size=24, seed=5, batch=8)
+    batches = iter(train.Batches(processor, seed=0, batch_size=6, stage=train.COUNTING, pool=pool))
+    steps = [next(batches) for _ in range(8)]
+    assert [len(b["rows"]) // len(b["input_ids"]) for b in steps] == [1, 1, 1, 1, 1, 1, 1, 2]
+
+    def answers(batch) -> list[str]:  # the supervised answer of each conversation
+        return [processor.decode(row[row != -100], skip_special_tokens=True).strip() for row in batch["labels"]]
+
+    counts = [sum(a.startswith("There") for a in answers(b)) for b in steps]
+    assert counts[:3] == counts[4:7] == [6, 6, 6] and counts[3] < 6 and counts[7] == 0
 
 
 def test_judging_needs_exactly_the_expected_word(train_module):
@@ -165,8 +200,10 @@ def test_training_is_reproducible_step_for_step(train_module, tmp_path):
         pool = train.FeaturePool(model, processor, size=96, seed=0, batch=16)
         counting = train.FeaturePool(model, processor, size=16, seed=1, batch=16, counting=True)
         train.run_language_stage(train.TEXT, model, processor, pool, 2, seed=0, batch_size=2, lr=2e-3)
-        train.run_language_stage(train.COUNTING, model, processor, counting, 2, seed=0, batch_size=2, lr=2e-3)
-        train.run_language_stage(train.CHAT, model, processor, pool, 2, seed=0, batch_size=2, lr=2e-3)
+        train.run_language_stage(train.CHAT, model, processor, pool.joined(counting), 3, seed=0, batch_size=2,
+                                 lr=2e-3, order_steps=1)
+        train.run_language_stage(train.COUNTING, model, processor, pool.joined(counting), 4, seed=0, batch_size=2,
+                                 lr=2e-3)
         if not vision_from:
             model.save_pretrained(tmp_path / "trained")
         return {k: v.clone() for k, v in model.state_dict().items()}
