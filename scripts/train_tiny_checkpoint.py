@@ -249,8 +249,9 @@ class CellHeads(torch.nn.Module):
     94 % but a shape probe fell from 99.6 % to 89 %, and the chat model trained on those towers answered
     56 % of shapes; with edge shape 4x as well the probes read 95 % / 97 %, yet the language stages then
     learned every question worse (colour 78 %, count 81 %, order 63 %) — unless the aligner trains along with
-    them (colour 100 %, shape 92 %, count 91 %, order 100 %; not the recipe: shape is short of 95 % and the run
-    took 1,385 s). The README section "The bundled tiny checkpoint" lists these runs.
+    them (colour 100 %, shape 92 %, count 91 %, order 100 %; with more shape replay 100 / 97 / 92 / 100 %, yet
+    not the recipe: that full run took 1,374 s, over 20 minutes). The README section "The bundled tiny
+    checkpoint" lists these runs.
     """
 
     def __init__(self, hidden: int, pooled_count: bool = True):
