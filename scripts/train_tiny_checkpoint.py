@@ -24,8 +24,9 @@ It then writes the weights to assets/ together with `accuracy.json`: held-out ac
 type (on fresh images through the real processor and `generate`) and the vision-branch ablations.
 
 Every stage runs a fixed number of steps (not a time budget), so the same seed gives the same
-training on any machine; the defaults train for about 19 minutes on a 2-core CPU, and the held-out
-evaluation (300 images per question type, each view blanked in turn) takes about 3 more.
+training on any machine; the defaults trained in 1,141 s (19 minutes) on a 2-core CPU, but this
+machine kind's speed varies by up to a third from hour to hour (the report lists each part's seconds).
+The held-out evaluation (300 images per question type, each view blanked in turn) takes about 3 more.
 
     python scripts/train_tiny_checkpoint.py [--vision-steps 680] [--chat-steps 500] [--count-steps 600]
 
@@ -67,9 +68,17 @@ SHAPE_IDS = {name: i + 1 for i, name in enumerate(shapes.SHAPES)}
 
 
 def _prompt_ids(processor, text: str) -> list[int]:
-    """Token ids of a rendered prompt once each image token is expanded, as the processor does."""
-    expanded = text.replace(processor.image_token, processor.image_token * processor.num_image_tokens)
-    return processor.tokenizer(expanded)["input_ids"]
+    """Token ids of a rendered prompt once each image token is expanded, as the processor does.
+
+    The processor repeats the image token in the text and tokenizes that; repeating its id after
+    tokenizing gives the same ids (a unit test compares them) at a fraction of the cost (a batch of 32
+    two-image conversations: 0.04 s instead of 0.37 s), which keeps the batch worker from competing with
+    the training step for the two cores.
+    """
+    ids = []
+    for i in processor.tokenizer(text)["input_ids"]:
+        ids.extend([i] * processor.num_image_tokens if i == processor.image_token_id else [i])
+    return ids
 
 
 def cell_labels(drawn: list[shapes.Drawn], grid: int = 24) -> dict[str, torch.Tensor]:
@@ -141,14 +150,13 @@ class FeaturePool:
         # Counting: all 1-4 shapes.
         self._index([shapes.draw_image(rng, "train", count=rng.randint(1, 4) if counting or not i % 3 else 1)
                      for i in range(size)])
-        # The processor (the slow part) runs in two worker processes while the towers encode earlier chunks.
-        chunks = [self.drawn[i:i + batch] for i in range(0, size, batch)]
-        loader = torch.utils.data.DataLoader(
-            chunks, batch_size=None, num_workers=2, prefetch_factor=2,
-            collate_fn=lambda chunk: processor.image_processor([d.image for d in chunk], return_tensors="pt"))
+        # The processor and the towers take turns on both cores: with the processor in two worker processes
+        # beside the towers' two threads, four threads shared two cores and a pool took 36 ms an image
+        # instead of 26 (measured).
         features = []
         with torch.no_grad():
-            for pixels in loader:
+            for i in range(0, size, batch):
+                pixels = processor.image_processor([d.image for d in self.drawn[i:i + batch]], return_tensors="pt")
                 out = model.model.get_image_features(pixels["pixel_values"], pixels["high_res_pixel_values"])
                 features.append(out.pooler_output.reshape(-1, processor.num_image_tokens, out.pooler_output.shape[-1]))
         self.features = torch.cat(features)
@@ -440,24 +448,39 @@ def train(steps: dict[str, int], pools: dict[str, int], seed: int, batch_size: i
     out = builder.build(OUT, seed=seed)
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    # Two threads on any machine: how a reduction is split across threads changes its rounding, so this
+    # keeps a seed's weights the same on a bigger machine as on the 2-core one the recipe is measured on.
+    torch.set_num_threads(2)
     torch.manual_seed(seed)
-    t0 = time.time()
+    # Seconds per part, in the report: this machine's speed varies by a third from hour to hour (stage 1
+    # took 383 s on one day and 490-540 s on others for identical work), so the parts show where it went.
+    seconds, t0 = {}, time.time()
+
+    def lap(part: str) -> None:
+        seconds[part] = round(time.time() - t0 - sum(seconds.values()))
+
     model.train()
     if vision_from:
         load_vision(model, vision_from)
     else:
         run_vision_stage(model, processor, steps["vision_pretraining"], seed, batch_size, lr)
+    lap("vision_pretraining")
     freeze_vision(model)
     pool = FeaturePool(model, processor, pools["chat"], seed)
+    lap("chat_pool")
     run_language_stage(TEXT, model, processor, pool, steps["text_warmup"], seed, 4 * batch_size, language_lr)
+    lap("text_warmup")
     # Chat and counting draw from both pools. Counting comes last: run before chat, it read 95 % of counts,
     # and a chat stage after it wore that down to 85, 90 and 96 % in three runs (measured).
     pool = pool.joined(FeaturePool(model, processor, pools["counting"], seed + 1, counting=True))
+    lap("counting_pool")
     run_language_stage(CHAT, model, processor, pool, steps["chat"], seed, batch_size, language_lr,
                        steps["chat_two_image_opening"])
+    lap("chat")
     run_language_stage(COUNTING, model, processor, pool, steps["counting"], seed, 2 * batch_size, language_lr)
+    lap("counting")
     model.eval()
-    return model, processor, time.time() - t0
+    return model, processor, seconds
 
 
 def write_model_card(out: Path, report: dict, parameters: int) -> None:
@@ -518,13 +541,14 @@ def main() -> None:
     pools = {"chat": args.pool, "counting": args.count_pool}
     model, processor, seconds = train(steps, pools, args.seed, args.batch_size, args.lr, args.language_lr,
                                       args.vision_from)
+    total = sum(seconds.values())
     # Only the weights change: the builder's config, tokenizer and processor files stay as written.
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         shutil.copy(Path(tmp) / "model.safetensors", OUT / "model.safetensors")
-    print(f"trained {steps} steps in {seconds:.0f}s; evaluating on held-out images…", flush=True)
-    training = {"seed": args.seed, "steps": steps, "pool_images": pools, "train_seconds": round(seconds),
-                "batch_size": args.batch_size}
+    print(f"trained {steps} steps in {total}s ({seconds}); evaluating on held-out images…", flush=True)
+    training = {"seed": args.seed, "steps": steps, "pool_images": pools, "train_seconds": total,
+                "stage_seconds": seconds, "batch_size": args.batch_size}
     write_report(model, processor, training, args.eval_per_type)
 
 
@@ -546,7 +570,8 @@ def write_report(model, processor, training: dict, per_type: int) -> None:
 def reevaluate(per_type: int) -> None:
     """Evaluate the bundled weights again (say, on more images) without retraining; training facts are kept."""
     training = json.loads((OUT / "accuracy.json").read_text())
-    training = {k: training[k] for k in ("seed", "steps", "pool_images", "train_seconds", "batch_size")}
+    training = {k: training[k] for k in ("seed", "steps", "pool_images", "train_seconds", "stage_seconds", "batch_size")
+                if k in training}
     processor = AutoProcessor.from_pretrained(OUT)
     model = AutoModelForImageTextToText.from_pretrained(OUT, dtype=torch.float32)
     write_report(model, processor, training, per_type)
