@@ -25,7 +25,7 @@ type (on fresh images through the real processor and `generate`) and the vision-
 
 Every stage runs a fixed number of steps (not a time budget), so the same seed gives the same
 training on any machine; the defaults trained in 1,141 s (19 minutes) on a 2-core CPU, but this
-machine kind's speed varies by up to a third from hour to hour (the report lists each part's seconds).
+machine kind's speed varies by up to half from hour to hour (the report lists each part's seconds).
 The held-out evaluation (300 images per question type, each view blanked in turn) takes about 3 more.
 
     python scripts/train_tiny_checkpoint.py [--vision-steps 680] [--chat-steps 500] [--count-steps 600]
@@ -452,8 +452,8 @@ def train(steps: dict[str, int], pools: dict[str, int], seed: int, batch_size: i
     # keeps a seed's weights the same on a bigger machine as on the 2-core one the recipe is measured on.
     torch.set_num_threads(2)
     torch.manual_seed(seed)
-    # Seconds per part, in the report: this machine's speed varies by a third from hour to hour (stage 1
-    # took 383 s on one day and 490-540 s on others for identical work), so the parts show where it went.
+    # Seconds per part, in the report: this machine's speed varies by up to half from hour to hour (stage 1
+    # took 383 s on one day and 490-554 s on others for identical work), so the parts show where it went.
     seconds, t0 = {}, time.time()
 
     def lap(part: str) -> None:
