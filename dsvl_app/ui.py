@@ -317,7 +317,7 @@ class ChatApp:
             self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm")
             self.clear_btn = gr.Button("🗑 Clear", elem_id="clear", size="sm")
         # Questions the bundled tiny checkpoint was trained on (its colour, shape and first/second answers
-        # are right; its counts about nine times in ten — it says "four" for three_shapes.png — as its banner says);
+        # are right; its counts about nine times in ten (three_shapes.png: "three") — as its banner says);
         # real weights answer them all.
         examples = [
             {"text": "What colour is the shape?", "files": [str(EXAMPLES_DIR / "red_circle.png")]},

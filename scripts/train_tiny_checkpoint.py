@@ -11,28 +11,32 @@ made from a pretrained vision encoder and a pretrained language model:
 2. text warm-up: the language model alone learns the chat format from the same conversations with
    the images left out. This is where it learns to copy "first"/"second" from the question: it
    never learns that once 1,152 image tokens dilute its attention (measured);
-3. chat: vision frozen, the features of two pools of images (mostly single shapes; 1-4 shapes) are
-   computed once and the language model learns all the conversations (single- and multi-image,
-   multi-turn) on them. It opens with two-image conversations only, where image order emerges
+3. chat: towers frozen, their outputs for two pools of images (mostly single shapes; 1-4 shapes) are
+   computed once and the language model, with the aligner, learns all the conversations (single- and
+   multi-image, multi-turn) on them. It opens with two-image conversations only, where image order emerges
    within a few hundred steps; mixed in from the start it came late, partly or not at all. A cached
-   step costs about a third of one through the towers;
-4. counting: the language model answers "how many" about the same features, every 4th step
-   replaying chat. Reading a count from 576 image tokens takes far more practice than the other
-   questions, and whatever stage comes after the counting wears it down, so it comes last.
+   step costs about a third of one through the towers, and the language model's last layer runs only
+   where an answer token is predicted (`language_loss`), which halves a language step;
+4. counting: the language model and aligner answer "how many" about the same images, every 2nd step
+   replaying chat (twice "what shape", then two-image). Reading a count from 576 image tokens takes far
+   more practice than the other questions, and whatever stage comes after the counting wears it down,
+   so it comes last.
 
 It then writes the weights to assets/ together with `accuracy.json`: held-out accuracy per question
 type (on fresh images through the real processor and `generate`) and the vision-branch ablations.
 
 Every stage runs a fixed number of steps (not a time budget), so the same seed gives the same
-training on any machine; the defaults trained in 1,141 s (19 minutes) on a 2-core CPU, but this
-machine kind's speed varies by up to half from hour to hour (the report lists each part's seconds).
-The held-out evaluation (300 images per question type, each view blanked in turn) takes about 3 more.
+training on any machine; the defaults trained in 986 s (16 minutes) on a 2-core CPU on a slow hour
+(stage 1 alone 490 s; the same stage took 383 s on a fast day: this machine kind's speed varies by up
+to half from hour to hour, and the report lists each part's seconds). The held-out evaluation
+(300 images per question type, each view blanked in turn) takes about 3 more.
 
     python scripts/train_tiny_checkpoint.py [--vision-steps 680] [--chat-steps 500] [--count-steps 600]
 
-To iterate on stages 2-4 in half the time, `--vision-from DIR` takes the towers from a
-trained checkpoint (a copy of assets/tiny-dsvl-hybrid) instead of running stage 1; the result is the
-same as a full run ending in those towers (a unit test checks it).
+To iterate on stages 2-4 in less than half the time, `--vision-from DIR` takes the towers and aligner
+from a checkpoint instead of running stage 1: from the one `--save-vision DIR` wrote after stage 1 the
+result is exactly the full run's (a unit test checks it); from a trained checkpoint (a copy of
+assets/tiny-dsvl-hybrid) it starts from the aligner the language stages left, so it comes close.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_tiny_checkpoint as builder  # noqa: E402
 import shapes  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half  # noqa: E402
 
 OUT = builder.DEFAULT_OUT
 KINDS = ("colour", "shape", "count", "order")
@@ -138,10 +143,12 @@ def encode_text(processor, samples: list[shapes.Sample], images: bool = True) ->
 
 
 class FeaturePool:
-    """Images drawn once, with the vision features (aligner output) the language model receives.
+    """Images drawn once, with the frozen towers' outputs for them (SigLIP's and SAM's, side by side).
 
-    `draw` has `shapes.draw_image`'s signature and picks a matching image from the pool, so
-    `shapes.sample(..., draw=pool.draw)` builds conversations whose image features are cached.
+    The aligner keeps training in stages 3 and 4, so it runs on these each step (`features`): it is
+    cheap, where the towers are most of a step's cost. `draw` has `shapes.draw_image`'s signature and
+    picks a matching image from the pool, so `shapes.sample(..., draw=pool.draw)` builds conversations
+    whose images are cached.
     """
 
     def __init__(self, model, processor, size: int, seed: int, batch: int = 32, counting: bool = False):
@@ -153,19 +160,25 @@ class FeaturePool:
         # The processor and the towers take turns on both cores: with the processor in two worker processes
         # beside the towers' two threads, four threads shared two cores and a pool took 36 ms an image
         # instead of 26 (measured).
-        features = []
+        towers = []
         with torch.no_grad():
             for i in range(0, size, batch):
                 pixels = processor.image_processor([d.image for d in self.drawn[i:i + batch]], return_tensors="pt")
                 out = model.model.get_image_features(pixels["pixel_values"], pixels["high_res_pixel_values"])
-                features.append(out.pooler_output.reshape(-1, processor.num_image_tokens, out.pooler_output.shape[-1]))
-        self.features = torch.cat(features)
+                towers.append(torch.cat([out.last_hidden_state, out.high_res_vision_last_hidden_state], -1))
+        self.towers = torch.cat(towers)
+        self.low_res_width = out.last_hidden_state.shape[-1]
+
+    def features(self, model, rows: torch.Tensor) -> torch.Tensor:
+        """What the language model receives for these images: the aligner's output, one row per image token."""
+        towers = self.towers[rows]
+        return model.model.aligner(towers[..., :self.low_res_width], towers[..., self.low_res_width:]).flatten(0, 1)
 
     def joined(self, other: FeaturePool) -> FeaturePool:
         """Both pools' images as one pool (no feature is computed again)."""
         pool = object.__new__(FeaturePool)
         pool._index(self.drawn + other.drawn)
-        pool.features = torch.cat([self.features, other.features])
+        pool.towers, pool.low_res_width = torch.cat([self.towers, other.towers]), self.low_res_width
         return pool
 
     def _index(self, drawn: list[shapes.Drawn]) -> None:
@@ -186,7 +199,13 @@ class FeaturePool:
 # two images' length would double its cost.
 SINGLE, PAIRS = ("colour", "shape", "count"), ("order", "order_turns")
 VISION, TEXT, CHAT, COUNTING = 1, 2, 3, 4  # the stages
-REPLAY_EVERY = 4  # in the counting stage, every 4th step replays chat conversations
+# In the counting stage every 2nd step replays chat: twice "what shape", then two-image conversations.
+# Counting moves the aligner, and the language model's reading of shapes (learned thinly before this stage)
+# goes first. On the previous towers, replaying all single-image questions every 4th step kept 42 % of
+# shapes, every 2nd step 59 %; "what shape" and two-image alternately every 2nd step 99 %. On these towers
+# that alternation read 92 % of shapes, two "what shape" steps to one two-image step 97 % (measured; colour
+# and order 99-100 % throughout).
+REPLAY_EVERY, SHAPE_REPLAY = 2, ("shape",)
 
 
 class Batches(torch.utils.data.IterableDataset):
@@ -207,9 +226,8 @@ class Batches(torch.utils.data.IterableDataset):
                 yield encode_vision_batch(self.processor, drawn)
             else:
                 if self.stage == COUNTING:
-                    # Replayed chat (alternately two-image and single-image) keeps what the chat stage taught.
                     replay = index % REPLAY_EVERY == REPLAY_EVERY - 1
-                    kinds = (PAIRS if index // REPLAY_EVERY % 2 else SINGLE) if replay else ("count",)
+                    kinds = (PAIRS if index // REPLAY_EVERY % 3 == 2 else SHAPE_REPLAY) if replay else ("count",)
                 elif self.stage == CHAT:
                     # The chat stage opens with two-image conversations only: image order then emerges within a
                     # few hundred steps, where mixed in from the start it emerged after 600-900 steps, partly or
@@ -252,14 +270,12 @@ class CellHeads(torch.nn.Module):
     attention probe on frozen towers reads 88 % of held-out counts with it, 75 % without (measured).
     `pooled_count=False` leaves it out (the recipe before it, for comparisons).
 
-    The losses weigh 1 each (shape on edge cells 2) on purpose: the tiny towers trade shape for count.
-    Weighing the pooled count 3x lifted a count probe (2,000 training / 500 held-out images) from 90 % to
-    94 % but a shape probe fell from 99.6 % to 89 %, and the chat model trained on those towers answered
-    56 % of shapes; with edge shape 4x as well the probes read 95 % / 97 %, yet the language stages then
-    learned every question worse (colour 78 %, count 81 %, order 63 %) — unless the aligner trains along with
-    them (colour 100 %, shape 92 %, count 91 %, order 100 %; with more shape replay 100 / 97 / 92 / 100 %, yet
-    not the recipe: that full run took 1,374 s, over 20 minutes). The README section "The bundled tiny
-    checkpoint" lists these runs.
+    The pooled count weighs 3 and shape on edge cells 4 (the rest 1): the tiny towers trade shape for
+    count. All at 1 (edge shape 2), probes (2,000 training / 500 held-out images) read 90 % of counts and
+    99.6 % of shapes, and the language model no more than 88-89 % of counts; pooled count 3x alone: 94 % but
+    shapes 89 %; with edge shape 4x as well 95 % / 97 %. The language stages learned those last towers only
+    once the aligner trained along (with it fixed: colour 78 %, order 63 %). The README section "The bundled
+    tiny checkpoint" lists these runs.
     """
 
     def __init__(self, hidden: int, pooled_count: bool = True):
@@ -277,10 +293,10 @@ class CellHeads(torch.nn.Module):
         per_cell_count = cells["count"][:, None].expand(-1, features.shape[1])
         loss = (f.cross_entropy(colour.flatten(0, 1), cells["colour"].flatten())
                 + f.cross_entropy(shape.flatten(0, 1), cells["shape"].flatten())
-                + 2 * f.cross_entropy(shape[edge], cells["shape"][edge])
+                + 4 * f.cross_entropy(shape[edge], cells["shape"][edge])
                 + f.cross_entropy(count.flatten(0, 1), per_cell_count.flatten()))
         if self.pooled_count is not None:
-            loss = loss + f.cross_entropy(self.pooled_count(features), cells["count"])
+            loss = loss + 3 * f.cross_entropy(self.pooled_count(features), cells["count"])
         return loss
 
 
@@ -363,6 +379,31 @@ def run_vision_stage(model, processor, steps: int, seed: int, batch_size: int, l
         torch.set_num_threads(threads)
 
 
+def _last_layer_at(layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   rows: torch.Tensor) -> torch.Tensor:
+    """The last decoder layer's output at positions `rows` (batch, n; -1 pads) only.
+
+    Its keys and values still come from every position; its query, attention output and MLP are
+    computed only where an answer token is predicted. The layer's own modules do every step, in the
+    order of `LlamaDecoderLayer.forward`.
+    """
+    attn, (batch, length, width) = layer.self_attn, hidden.shape
+    picked = rows.clamp(min=0)
+    x = layer.input_layernorm(hidden)
+    heads = (-1, attn.head_dim)
+    q = attn.q_proj(x.gather(1, picked[..., None].expand(-1, -1, width))).view(batch, rows.shape[1], *heads)
+    k = attn.k_proj(x).view(batch, length, *heads).transpose(1, 2)
+    v = attn.v_proj(x).view(batch, length, *heads).transpose(1, 2)
+    cos, sin = rope
+    q, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos[0][picked], sin[0][picked])
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]  # apply_rotary_pos_emb's formula, keys only
+    causal = torch.arange(length)[None, None, None, :] <= picked[:, None, :, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=attn.scaling,
+                                                           enable_gqa=k.shape[1] != q.shape[1])
+    h = hidden.gather(1, picked[..., None].expand(-1, -1, width)) + attn.o_proj(out.transpose(1, 2).flatten(2))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 def language_loss(model, batch: dict, features: torch.Tensor | None, keyword_ids: torch.Tensor,
                   keyword_weight: float = 3.0) -> torch.Tensor:
     """Next-token loss on the answers, computed from cached image features instead of pixels.
@@ -370,6 +411,11 @@ def language_loss(model, batch: dict, features: torch.Tensor | None, keyword_ids
     Same computation as the model's own forward (a unit test compares the loss): image features
     replace the image tokens' embeddings, then the language model and its head run. Answer words
     (colours, shapes, numbers) weigh more: the rest of each answer is fixed wording.
+
+    Only answer tokens have a loss, so the last decoder layer runs just there (`_last_layer_at`):
+    a conversation is ~600-1,200 positions and its answers ~10, so a language step takes 55 % of the
+    full forward's time (0.24 s instead of 0.43 s for 32 one-image conversations, measured), with the
+    same loss and gradients to rounding.
 
     No attention mask: batches are right-padded, so causal attention already keeps every real token
     from the padding after it, and without a mask SDPA takes its fused causal kernel — a language
@@ -380,11 +426,20 @@ def language_loss(model, batch: dict, features: torch.Tensor | None, keyword_ids
     embeds = language_model.embed_tokens(ids)
     if features is not None:
         embeds = embeds.masked_scatter((ids == model.config.image_token_id)[..., None], features)
-    hidden = language_model(inputs_embeds=embeds).last_hidden_state
+    positions = torch.arange(ids.shape[1])[None]
+    rope = language_model.rotary_emb(embeds, position_ids=positions)
+    hidden = embeds
+    for layer in language_model.layers[:-1]:
+        hidden = layer(hidden, position_embeddings=rope, position_ids=positions)
     targets = batch["labels"][:, 1:]
-    keep = targets != -100
+    keep = targets != -100  # positions whose next token is an answer token
+    rows = torch.full((len(ids), int(keep.sum(1).max())), -1)
+    for r, row in enumerate(keep):
+        where = row.nonzero()[:, 0]
+        rows[r, : len(where)] = where
+    hidden = _last_layer_at(language_model.layers[-1], hidden, rope, rows)[rows >= 0]
     targets = targets[keep]
-    losses = torch.nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), targets, reduction="none")
+    losses = torch.nn.functional.cross_entropy(model.lm_head(language_model.norm(hidden)), targets, reduction="none")
     weights = torch.where(torch.isin(targets, keyword_ids), keyword_weight, 1.0)
     return (losses * weights).sum() / weights.sum()
 
@@ -397,12 +452,14 @@ def keyword_ids(processor) -> torch.Tensor:
 
 def run_language_stage(stage: int, model, processor, pool: FeaturePool, steps: int, seed: int,
                        batch_size: int, lr: float, order_steps: int = 0) -> None:
-    """Stage 2 (text only), 3 or 4 (on the pool's image features): trains the language model alone."""
+    """Stage 2 (text only), 3 or 4 (on the pool's images): trains the language model, and the aligner in 3-4."""
     # The head is tied to the token embeddings, so that weight is listed twice and AdamW updates it twice
     # a step (torch warns). It is a quirk of the recipe that trained the shipped weights, kept on purpose:
     # listed once, a run of an earlier recipe (image order mixed in from the first chat step) reached 46 % on
     # image order instead of 100 % (measured). Not re-measured with the two-image opening.
     params = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    if stage != TEXT:
+        params += model.model.aligner.parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     loader = torch.utils.data.DataLoader(Batches(processor, seed, batch_size, stage, pool, order_steps), batch_size=None,
                                          num_workers=1, prefetch_factor=4)
@@ -411,29 +468,35 @@ def run_language_stage(stage: int, model, processor, pool: FeaturePool, steps: i
     for step in range(steps):
         _schedule(optimizer, lr, step, steps)
         batch = next(batches)
-        features = pool.features[batch["rows"]].flatten(0, 1) if stage != TEXT else None
+        features = pool.features(model, batch["rows"]) if stage != TEXT else None
         loss = language_loss(model, batch, features, keywords)
         _optimise(optimizer, params, loss)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         _log(stage, step + 1, t0, ema)
 
 
-def freeze_vision(model) -> None:
-    """From stage 2 on only the language model (and its head) trains; the towers and aligner are fixed."""
+def freeze_towers(model) -> None:
+    """From stage 2 on the SigLIP and SAM towers are fixed; the language model, its head and the aligner train.
+
+    The aligner keeps learning with the language model (stages 3 and 4): with it fixed, counts stayed at
+    86-88 % on the previous towers (a probe on its output: 90 %), and the language stages could not learn
+    the present towers at all (colour 78 %, order 63 %); trained along, they read 91-92 % (measured).
+    """
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in [*model.model.language_model.parameters(), *model.lm_head.parameters()]:
+    for p in [*model.model.language_model.parameters(), *model.lm_head.parameters(), *model.model.aligner.parameters()]:
         p.requires_grad_(True)
     model.model.language_model.train()
 
 
 def load_vision(model, checkpoint: Path) -> None:
-    """Take the towers and aligner from a trained checkpoint instead of running stage 1.
+    """Take the towers and aligner from a checkpoint instead of running stage 1.
 
-    Stage 1 never touches the language model, and stages 2 and 3 draw their data from their own
-    seeded generators, so this gives the same result as a full run that ends in the same towers —
-    in a third of the time, for iterating on the language stages.
+    Stage 1 never touches the language model, and stages 2-4 draw their data from their own seeded
+    generators, so from the checkpoint `--save-vision` wrote after stage 1 this gives exactly the full
+    run's result, in half the time, for iterating on the language stages. From a trained checkpoint
+    it starts from that checkpoint's aligner, which stages 3 and 4 have trained further: close, not equal.
     """
     from safetensors.torch import load_file
 
@@ -444,7 +507,7 @@ def load_vision(model, checkpoint: Path) -> None:
 
 
 def train(steps: dict[str, int], pools: dict[str, int], seed: int, batch_size: int, lr: float, language_lr: float,
-          vision_from: Path | None = None):
+          vision_from: Path | None = None, save_vision: Path | None = None):
     out = builder.build(OUT, seed=seed)
     processor = AutoProcessor.from_pretrained(out)
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
@@ -464,8 +527,10 @@ def train(steps: dict[str, int], pools: dict[str, int], seed: int, batch_size: i
         load_vision(model, vision_from)
     else:
         run_vision_stage(model, processor, steps["vision_pretraining"], seed, batch_size, lr)
+        if save_vision:
+            model.save_pretrained(save_vision)
     lap("vision_pretraining")
-    freeze_vision(model)
+    freeze_towers(model)
     pool = FeaturePool(model, processor, pools["chat"], seed)
     lap("chat_pool")
     run_language_stage(TEXT, model, processor, pool, steps["text_warmup"], seed, 4 * batch_size, language_lr)
@@ -525,7 +590,9 @@ def main() -> None:
                         help="no training: evaluate the bundled weights again and rewrite accuracy.json")
     parser.add_argument("--vision-from", type=Path, default=None,
                         help="skip stage 1: take the towers and aligner from this checkpoint directory (a copy, "
-                             "since the output directory is rebuilt)")
+                             "since the output directory is rebuilt; see --save-vision)")
+    parser.add_argument("--save-vision", type=Path, default=None,
+                        help="also write the model as stage 1 left it to this directory, for exact --vision-from runs")
     args = parser.parse_args()
     if args.evaluate_only:
         reevaluate(args.eval_per_type)
@@ -540,7 +607,7 @@ def main() -> None:
         steps["vision_pretraining"] = f"taken from {args.vision_from}"
     pools = {"chat": args.pool, "counting": args.count_pool}
     model, processor, seconds = train(steps, pools, args.seed, args.batch_size, args.lr, args.language_lr,
-                                      args.vision_from)
+                                      args.vision_from, args.save_vision)
     total = sum(seconds.values())
     # Only the weights change: the builder's config, tokenizer and processor files stay as written.
     with tempfile.TemporaryDirectory() as tmp:
