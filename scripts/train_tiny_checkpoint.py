@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_tiny_checkpoint as builder  # noqa: E402
 import shapes  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half  # noqa: E402
+from transformers.models.llama.modeling_llama import rotate_half  # noqa: E402
 
 OUT = builder.DEFAULT_OUT
 KINDS = ("colour", "shape", "count", "order")
@@ -394,9 +394,12 @@ def _last_layer_at(layer, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.
     q = attn.q_proj(x.gather(1, picked[..., None].expand(-1, -1, width))).view(batch, rows.shape[1], *heads)
     k = attn.k_proj(x).view(batch, length, *heads).transpose(1, 2)
     v = attn.v_proj(x).view(batch, length, *heads).transpose(1, 2)
+    # Rotary embeddings by `apply_rotary_pos_emb`'s formula, which takes one set of positions for q and k.
     cos, sin = rope
-    q, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos[0][picked], sin[0][picked])
-    k = k * cos[:, None] + rotate_half(k) * sin[:, None]  # apply_rotary_pos_emb's formula, keys only
+    cos_q, sin_q = cos[0][picked][:, None], sin[0][picked][:, None]
+    q = q.transpose(1, 2)
+    q = q * cos_q + rotate_half(q) * sin_q
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
     causal = torch.arange(length)[None, None, None, :] <= picked[:, None, :, None]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=attn.scaling,
                                                            enable_gqa=k.shape[1] != q.shape[1])
