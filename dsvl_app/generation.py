@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from . import reuse
 from .model import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class GenerationStats:
 
     prompt_tokens: int
     images: int
+    reused_tokens: int = 0  # prompt tokens whose keys/values came from an earlier turn
+    images_reused: int = 0  # images not re-encoded (inside the reused prefix, or their features cached)
     new_tokens: int = 0
     time_to_first_token_s: float | None = None
     decode_s: float = 0.0  # first token → last token, measured where tokens are produced
@@ -106,7 +109,12 @@ class _StopOnEvent(StoppingCriteria):
 
 
 class _TokenStreamer(TextIteratorStreamer):
-    """Emits text per token (not per word) and counts tokens and the time of the first one."""
+    """Emits text per token (not per word) and counts tokens and the time of the first one.
+
+    The stream ends when the worker says so (`close`), not when generate calls `end()`: the worker
+    still has to put the turn into the reuse cache, and a client sending its next turn at once must
+    find it there.
+    """
 
     def __init__(self, tokenizer: Any, timeout: float):
         super().__init__(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
@@ -133,6 +141,13 @@ class _TokenStreamer(TextIteratorStreamer):
             self.token_cache, self.print_len = [], 0  # keep re-decoding bounded
         if printable:
             self.on_finalized_text(printable)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.text_queue.put(text, timeout=self.timeout)  # never the stop signal: see close()
+
+    def close(self) -> None:
+        """End the stream for the consumer (after the worker's last step)."""
+        self.text_queue.put(self.stop_signal, timeout=self.timeout)
 
 
 def release_memory(device: torch.device) -> None:
@@ -184,24 +199,34 @@ class Generation:
         return moved
 
     def _work(self) -> None:
-        slots = self.handle.generation_slots
+        handle = self.handle
+        slots = handle.generation_slots
         try:
             if self.stop_event.is_set():
                 return
-            tokenizer = self.handle.processor.tokenizer
-            kwargs = self.params.generate_kwargs()
+            tokenizer = handle.processor.tokenizer
             with torch.inference_mode():
+                inputs, plan = self._model_inputs(), None
+                if handle.reuse.enabled:
+                    # Earlier turns' keys/values and image features, taken out of the shared store for this call.
+                    plan = reuse.plan(handle.model, handle.reuse, inputs, handle.model.config.image_token_id,
+                                      int(handle.processor.num_image_tokens))
+                    inputs = plan.kwargs
+                    self.stats.reused_tokens, self.stats.images_reused = plan.reused_tokens, plan.images_reused
                 if self.params.seed is not None:
                     torch.manual_seed(int(self.params.seed))  # seeds CUDA too; safe: we hold the slot
-                self.handle.model.generate(
-                    **self._model_inputs(),
-                    **kwargs,
+                sequences = handle.model.generate(
+                    **inputs,
+                    **self.params.generate_kwargs(),
                     streamer=self._streamer,
                     stopping_criteria=StoppingCriteriaList([self._criteria]),
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
+                if plan is not None:
+                    self._keep(plan, sequences)
         except torch.OutOfMemoryError as exc:
+            handle.reuse.clear()  # the cached turns are the first memory to give back
             self.error = OutOfMemory(oom_message(self.stats.prompt_tokens, self.stats.images, self.params.max_new_tokens))
             self.error.__cause__ = exc
         except BaseException as exc:  # noqa: BLE001 - reported to the consumer, never lost on the thread
@@ -211,7 +236,16 @@ class Generation:
             if self.error is not None:
                 release_memory(self.handle.device)
             slots.release()
-            self._streamer.end()
+            if self.error is not None:
+                self._streamer.end()  # flush what was decoded (generate did not get to)
+            self._streamer.close()
+
+    def _keep(self, plan: reuse.Plan, sequences: torch.Tensor) -> None:
+        """Put this turn's keys/values back for the next turn (only after a generate call that succeeded)."""
+        try:
+            reuse.keep(self.handle.reuse, plan, sequences)
+        except Exception:  # noqa: BLE001 - the reply is complete; losing its cache entry only costs speed
+            log.exception("could not keep this turn for reuse")
 
     # -- consumer side
 
@@ -254,6 +288,8 @@ class Generation:
         finally:
             # Runs on normal end, on error, and when the consumer closes us (gradio cancel, dropped client).
             self.stop_event.set()
+            if completed:
+                self.thread.join(5.0)  # it closed the stream as its last act: it is returning now
             self._finish(stopped=not completed or self._criteria.triggered)
         if self.error is not None:
             if isinstance(self.error, GenerationError):

@@ -47,7 +47,10 @@ class Settings:
     auth: tuple[str, str] | None = None
     queue_size: int = 32
     concurrency: int = 1
+    cache_mb: float | None = None  # reuse cache cap; None: a share of free memory, 0: reuse off
+    cache_idle_s: float = 1800.0
     on_space: bool = False
+    zero_gpu: bool = False  # a ZeroGPU Space: the GPU is attached per call
 
     @property
     def server_name(self) -> str:
@@ -80,6 +83,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_mb(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MB (0 turns it off), got {text}")
+    return value
+
+
 def _megabytes(text: str) -> int:
     value = float(text)
     if value <= 0:
@@ -98,7 +108,9 @@ def _quantize(text: str) -> str | None:
 _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
     ("--model", "DSVL_MODEL", "model", str, "auto", MODEL_CHOICES_HELP),
     ("--device", "DSVL_DEVICE", "device", str, "auto", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
-    ("--dtype", "DSVL_DTYPE", "dtype", str, "auto", "auto (bf16/fp16 on CUDA, float32 on CPU) or " + ", ".join(DTYPES[1:])),
+    ("--dtype", "DSVL_DTYPE", "dtype", str, "auto",
+     "auto (bf16/fp16 on CUDA; on CPU bf16 where the CPU has native bf16 and the weights are 16-bit, else float32) or "
+     + ", ".join(DTYPES[1:])),
     ("--attn", "DSVL_ATTN", "attn_implementation", str, "sdpa", "attention implementation: " + ", ".join(ATTENTION)),
     ("--quantize", "DSVL_QUANTIZE", "quantize", _quantize, "none", "'int4': torchao int4 weight-only (CUDA only)"),
     ("--host", "DSVL_HOST", "host", str, None, "address to bind (default 127.0.0.1; 0.0.0.0 on a Space)"),
@@ -114,9 +126,17 @@ _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
     ("--max-new-tokens", "DSVL_MAX_NEW_TOKENS", "max_new_tokens", _positive_int, 2048, "cap on new tokens per reply"),
     ("--context-tokens", "DSVL_CONTEXT_TOKENS", "context_tokens", _positive_int, None, "context budget (default: the model's own)"),
     ("--token-timeout", "DSVL_TOKEN_TIMEOUT", "token_timeout_s", float, 120.0, "seconds to wait for a token before a generation counts as stalled"),
+    ("--cache-mb", "DSVL_CACHE_MB", "cache_mb", _non_negative_mb, None,
+     "memory for reusing earlier turns (keys/values and image features) in MB; 0 turns reuse off "
+     "(default: a share of the memory free after loading)"),
+    ("--cache-idle-s", "DSVL_CACHE_IDLE_S", "cache_idle_s", float, 1800.0, "seconds before an unused cache entry is dropped"),
     ("--generations", "DSVL_GENERATIONS", "concurrent_generations", _positive_int, 1, "generate calls running at once on the model"),
 )
 _LIMIT_FIELDS = {f for f in Limits.__dataclass_fields__}
+
+
+def _zero_gpu(env: Mapping[str, str]) -> bool:
+    return env.get("SPACES_ZERO_GPU", "").strip().lower() in {"1", "true", "yes"}
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -151,4 +171,4 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     if args["attn_implementation"] not in ATTENTION:
         parser.error(f"--attn must be one of {', '.join(ATTENTION)}")
     limits = Limits(**{k: args.pop(k) for k in list(args) if k in _LIMIT_FIELDS})
-    return Settings(**args, limits=limits, on_space=bool(env.get("SPACE_ID")))
+    return Settings(**args, limits=limits, on_space=bool(env.get("SPACE_ID")), zero_gpu=_zero_gpu(env))

@@ -32,13 +32,22 @@ def test_defaults_per_device():
     assert resolve_device("auto", cuda_available=True) == cuda
     assert resolve_device("auto", cuda_available=False) == cpu
     assert resolve_model_id("auto", cuda) == HUB_7B and resolve_model_id("auto", cpu) == HUB_1_3B
-    assert resolve_dtype("auto", cuda, bf16_supported=True) == torch.bfloat16
-    assert resolve_dtype("auto", cuda, bf16_supported=False) == torch.float16
-    assert resolve_dtype("auto", cpu) == torch.float32
-    assert resolve_dtype("float16", cpu) == torch.float16
+    assert resolve_dtype("auto", cuda, bf16_supported=True)[0] == torch.bfloat16
+    assert resolve_dtype("auto", cuda, bf16_supported=False)[0] == torch.float16
+    assert resolve_dtype("float16", cpu)[0] == torch.float16
     assert resolve_model_id("tiny", cpu) == str(TINY_DIR)
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         resolve_device("cuda:0", cuda_available=False)
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_with_native_bf16_and_16_bit_weights():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, stored=torch.bfloat16, cpu_bf16=True) == (torch.bfloat16, "this CPU has native bf16")
+    assert resolve_dtype("auto", cpu, stored=torch.bfloat16, cpu_bf16=False)[0] == torch.float32
+    dtype, why = resolve_dtype("auto", cpu, stored=torch.float32, cpu_bf16=True)
+    assert dtype == torch.float32 and "float32 weights" in why
+    assert resolve_dtype("auto", cpu, stored=None, cpu_bf16=True)[0] == torch.float32
+    assert resolve_dtype("float32", cpu, stored=torch.bfloat16, cpu_bf16=True)[0] == torch.float32
 
 
 def test_handle_loads_once_and_is_shared_across_threads(monkeypatch, settings):

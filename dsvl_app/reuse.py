@@ -1,0 +1,388 @@
+"""Reuse work across chat turns: a KV prefix cache and an image-feature cache under one byte cap.
+
+Every turn's prompt repeats the whole conversation, so most of it was already computed by the turn
+before: the keys/values of its common prefix and the features of its images. This module keeps both,
+process-wide, shared by every session (an entry is found by content, never by session):
+
+- a **prefix entry** is the keys/values of a token sequence (a prompt plus the reply generated after
+  it). It matches a new prompt by the longest common prefix of token ids *and* of image content
+  hashes — every image is 576 copies of one placeholder id, so ids alone cannot tell two images apart;
+- an **image feature** is the aligner output of one image, found by the hash of the processor's pixel
+  tensors, so an image is not re-encoded even when no prefix entry holds it any more.
+
+The traps that give silently wrong answers (../shared/notes/reuse-facts.md) are handled here:
+`reusable_length` never covers the whole prompt (at least its last token is fed again) and never
+splits an image's placeholder run, and `plan` passes features only for images in the uncached suffix.
+
+Memory: entries live on the model's device; their bytes never exceed the cap (least-recently-used
+entries go first), entries idle longer than `idle_s` are dropped, and `clear()` empties everything (on
+out of memory). A generate call *takes* its entry out (no two calls share one), and only a successful
+call puts an entry back. No gradio, no model loading: the model is passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+log = logging.getLogger(__name__)
+
+PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per decoder layer: (keys, values), [1, heads, tokens, dim]
+
+
+# ---------------------------------------------------------------- keys: ids and image hashes (pure)
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one image's placeholder run lies in a token sequence, and what image it is."""
+
+    start: int
+    end: int  # exclusive
+    key: str  # content hash of the processor's tensors for this image
+
+
+def image_keys(inputs: Mapping[str, Any]) -> list[str]:
+    """One content hash per image, from every pixel tensor the processor made for it (low- and high-res)."""
+    tensors = [inputs[k] for k in PIXEL_KEYS if inputs.get(k) is not None]
+    if not tensors:
+        return []
+    keys = []
+    for i in range(tensors[0].shape[0]):
+        digest = hashlib.sha256()  # hardware-accelerated on current CPUs: ~10 ms for a 1024-pixel view
+        for tensor in tensors:
+            image = tensor[i].detach().to("cpu").contiguous()
+            digest.update(str((tuple(image.shape), image.dtype)).encode())
+            digest.update(image.view(torch.uint8).numpy().data)
+        keys.append(digest.hexdigest()[:32])
+    return keys
+
+
+def image_spans(ids: torch.Tensor, image_token_id: int, tokens_per_image: int, keys: Sequence[str]) -> tuple[ImageSpan, ...]:
+    """The placeholder run of each image in `ids` (1-D), in order; refuses ids that do not hold them exactly."""
+    positions = (ids == image_token_id).nonzero().flatten().tolist()
+    if len(positions) != tokens_per_image * len(keys):
+        raise ValueError(f"{len(positions)} image placeholders for {len(keys)} image(s) of {tokens_per_image} tokens")
+    spans = []
+    for n, key in enumerate(keys):
+        start, last = positions[n * tokens_per_image], positions[(n + 1) * tokens_per_image - 1]
+        if last - start + 1 != tokens_per_image:
+            raise ValueError("an image's placeholder tokens are not one contiguous run")
+        spans.append(ImageSpan(start, last + 1, key))
+    return tuple(spans)
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the longest common prefix of two 1-D id tensors."""
+    n = min(a.shape[0], b.shape[0])
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if differ.numel() else n
+
+
+def reusable_length(cached_ids: torch.Tensor, cached_spans: Sequence[ImageSpan], ids: torch.Tensor,
+                    spans: Sequence[ImageSpan]) -> int:
+    """How many leading tokens of `ids` an entry holding `cached_ids` can supply.
+
+    The longest common prefix of the ids, cut back to the start of the first image that is a different
+    image or would be split, and at most `len(ids) - 1`: generate needs the last prompt token's logits,
+    and a cache covering the whole prompt makes it feed the whole prompt again on top (silently wrong).
+    """
+    n = common_prefix(cached_ids, ids)
+    cached = {span.start: span for span in cached_spans}
+    for span in spans:
+        if span.start >= n:
+            break
+        old = cached.get(span.start)
+        if old is None or old.key != span.key or old.end != span.end or span.end > n:
+            n = span.start
+            break
+    return max(0, min(n, int(ids.shape[0]) - 1))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes()  # a view still holds its whole storage
+
+
+def kv_nbytes(kv: KV) -> int:
+    return sum(_nbytes(k) + _nbytes(v) for k, v in kv)
+
+
+def kv_of(cache: DynamicCache) -> KV:
+    """The per-layer (keys, values) tensors a DynamicCache holds."""
+    return tuple((layer.keys, layer.values) for layer in cache.layers if layer.is_initialized)
+
+
+def dynamic_cache(config: Any, kv: KV | None, length: int) -> DynamicCache:
+    """A DynamicCache for `config` holding the first `length` positions of `kv` (views: no copy).
+
+    Safe to hand views of a stored entry to generate: `DynamicLayer.update` concatenates into new
+    tensors and never writes into the ones it was given.
+    """
+    cache = DynamicCache(config=config)
+    if kv is None or length == 0:
+        return cache
+    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+    return cache
+
+
+# ---------------------------------------------------------------- the store
+
+
+@dataclass
+class _Prefix:
+    ids: torch.Tensor  # 1-D, CPU
+    spans: tuple[ImageSpan, ...]
+    kv: KV
+    nbytes: int
+    last_used: float
+
+
+@dataclass
+class _Features:
+    features: torch.Tensor  # [tokens_per_image, hidden] on the model's device
+    nbytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What `take_prefix` found: keys/values for the first `length` tokens (None: nothing reusable)."""
+
+    kv: KV | None
+    length: int
+
+
+@dataclass
+class CacheStats:
+    prefix_entries: int = 0
+    feature_entries: int = 0
+    nbytes: int = 0
+    capacity_bytes: int = 0
+    evicted: int = 0
+    expired: int = 0
+    dropped_too_big: int = 0
+
+
+class ReuseCache:
+    """Prefix entries and image features under one byte cap, LRU across all conversations, thread-safe.
+
+    `capacity_bytes == 0` turns reuse off: nothing is stored and nothing is found.
+    """
+
+    def __init__(self, capacity_bytes: int, idle_s: float = 1800.0, clock: Callable[[], float] = time.monotonic):
+        self.capacity_bytes = max(0, int(capacity_bytes))
+        self.idle_s = float(idle_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[str, int | str], _Prefix | _Features] = OrderedDict()  # oldest first
+        self._next_id = 0
+        self._nbytes = 0
+        self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
+        self._janitor: threading.Thread | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_bytes > 0
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._nbytes
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            kinds = [key[0] for key in self._items]
+            return CacheStats(kinds.count("kv"), kinds.count("img"), self._nbytes, self.capacity_bytes,
+                              self._stats.evicted, self._stats.expired, self._stats.dropped_too_big)
+
+    # -- internals (lock held)
+
+    def _remove(self, key: tuple) -> None:
+        item = self._items.pop(key)
+        self._nbytes -= item.nbytes
+
+    def _expire(self, now: float) -> None:
+        if self.idle_s <= 0:
+            return  # no idle expiry
+        for key in [k for k, item in self._items.items() if now - item.last_used > self.idle_s]:
+            self._remove(key)
+            self._stats.expired += 1
+
+    def _admit(self, key: tuple, item: _Prefix | _Features) -> bool:
+        """Insert as most recent, evicting the least recently used until the cap holds."""
+        if item.nbytes > self.capacity_bytes:
+            self._stats.dropped_too_big += 1
+            return False
+        while self._items and self._nbytes + item.nbytes > self.capacity_bytes:
+            self._remove(next(iter(self._items)))
+            self._stats.evicted += 1
+        self._items[key] = item
+        self._nbytes += item.nbytes
+        self._start_janitor()
+        return True
+
+    def _start_janitor(self) -> None:
+        """A daemon thread that drops idle entries even when no request comes (the memory goes back)."""
+        if self._janitor is not None or self.idle_s <= 0:
+            return
+        ref = weakref.ref(self)
+        period = min(60.0, max(0.05, self.idle_s / 4))
+
+        def sweep() -> None:
+            while (cache := ref()) is not None:
+                with cache._lock:
+                    cache._expire(cache._clock())
+                del cache
+                time.sleep(period)
+
+        self._janitor = threading.Thread(target=sweep, name="dsvl-reuse-janitor", daemon=True)
+        self._janitor.start()
+
+    # -- prefix entries
+
+    def take_prefix(self, ids: torch.Tensor, spans: Sequence[ImageSpan]) -> Taken:
+        """The entry that covers most of `ids`, taken out of the store while a generate call uses it.
+
+        When the match is under half of the entry (another conversation sharing only the system preamble,
+        say), the entry stays for its own conversation and a copy of the matching part is handed out.
+        """
+        if not self.enabled:
+            return Taken(None, 0)
+        with self._lock:
+            self._expire(self._clock())
+            best_key, best_len = None, 0
+            for key, item in self._items.items():
+                if key[0] == "kv":
+                    length = reusable_length(item.ids, item.spans, ids, spans)
+                    if length > best_len:
+                        best_key, best_len = key, length
+            if best_key is None:
+                return Taken(None, 0)
+            entry = self._items[best_key]
+            if 2 * best_len >= entry.ids.shape[0]:
+                self._remove(best_key)
+                return Taken(entry.kv, best_len)
+            entry.last_used = self._clock()
+            self._items.move_to_end(best_key)
+            kv = entry.kv
+        copied = tuple((k[..., :best_len, :].clone(), v[..., :best_len, :].clone()) for k, v in kv)
+        return Taken(copied, best_len)
+
+    def put_prefix(self, ids: torch.Tensor, spans: Sequence[ImageSpan], kv: KV) -> bool:
+        """Store the keys/values of `ids` (entries it extends are dropped: it holds all they held)."""
+        if not self.enabled or ids.numel() == 0:
+            return False
+        ids = ids.detach().to("cpu")
+        with self._lock:
+            now = self._clock()
+            self._expire(now)
+            for key in [k for k, item in self._items.items() if k[0] == "kv" and item.ids.shape[0] <= ids.shape[0]]:
+                item = self._items[key]
+                if common_prefix(item.ids, ids) == item.ids.shape[0] and item.spans == tuple(spans[: len(item.spans)]):
+                    self._remove(key)
+            self._next_id += 1
+            return self._admit(("kv", self._next_id), _Prefix(ids, tuple(spans), kv, kv_nbytes(kv), now))
+
+    # -- image features
+
+    def get_features(self, key: str) -> torch.Tensor | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            item = self._items.get(("img", key))
+            if item is None:
+                return None
+            item.last_used = self._clock()
+            self._items.move_to_end(("img", key))
+            return item.features
+
+    def put_features(self, key: str, features: torch.Tensor) -> bool:
+        if not self.enabled:
+            return False
+        with self._lock:
+            if ("img", key) in self._items:
+                self._remove(("img", key))
+            return self._admit(("img", key), _Features(features, _nbytes(features), self._clock()))
+
+    def clear(self) -> None:
+        """Drop everything (after out of memory, so the memory can be given back)."""
+        with self._lock:
+            self._items.clear()
+            self._nbytes = 0
+
+
+# ---------------------------------------------------------------- planning a generate call
+
+
+def encode_images(model: Any, pixels: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Image features ([n, tokens, hidden]) of a batch of processor pixel tensors, as generate computes them."""
+    encoder = model.base_model.get_image_features
+    return encoder(**{k: v for k, v in pixels.items() if k in PIXEL_KEYS}, return_dict=True).pooler_output
+
+
+@dataclass
+class Plan:
+    """The inputs of one generate call with reuse, and what to store when it succeeds."""
+
+    kwargs: dict[str, Any]
+    cache: DynamicCache
+    ids: torch.Tensor
+    spans: tuple[ImageSpan, ...]
+    reused_tokens: int
+    images: int
+    images_encoded: int
+    feature_keys: list[str] = field(default_factory=list)
+
+    @property
+    def images_reused(self) -> int:
+        return self.images - self.images_encoded
+
+
+def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], image_token_id: int, tokens_per_image: int) -> Plan:
+    """Generate kwargs that reuse what `store` holds: the full ids and mask, a cache for their reusable
+    prefix, and features (cached or encoded now, then cached) for the images after that prefix only."""
+    ids = inputs["input_ids"][0].detach().to("cpu")
+    keys = image_keys(inputs)
+    spans = image_spans(ids, image_token_id, tokens_per_image, keys)
+    taken = store.take_prefix(ids, spans)
+    suffix = [i for i, span in enumerate(spans) if span.start >= taken.length]
+    features = {i: store.get_features(keys[i]) for i in suffix}
+    missing = [i for i in suffix if features[i] is None]
+    if missing:
+        index = torch.tensor(missing)
+        pixels = {k: inputs[k][index] for k in PIXEL_KEYS if inputs.get(k) is not None}
+        encoded = encode_images(model, pixels)
+        for n, i in enumerate(missing):
+            features[i] = encoded[n]
+            store.put_features(keys[i], encoded[n])
+    cache = dynamic_cache(model.config, taken.kv, taken.length)
+    kwargs: dict[str, Any] = {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])),
+        "past_key_values": cache,
+    }
+    if suffix:
+        stacked = torch.stack([features[i] for i in suffix])
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=stacked)}
+    return Plan(kwargs, cache, ids, spans, taken.length, len(spans), len(missing), [keys[i] for i in suffix])
+
+
+def keep(store: ReuseCache, plan_: Plan, sequences: torch.Tensor) -> None:
+    """After a successful generate: store the keys/values it left (prompt + reply but its last token)."""
+    length = plan_.cache.get_seq_length()
+    if length:
+        store.put_prefix(sequences[0, :length], plan_.spans, kv_of(plan_.cache))
