@@ -303,10 +303,12 @@ class ReuseCache:
         if not self.enabled:
             return None
         with self._lock:
+            now = self._clock()
+            self._expire(now)
             item = self._items.get(("img", key))
             if item is None:
                 return None
-            item.last_used = self._clock()
+            item.last_used = now
             self._items.move_to_end(("img", key))
             return item.features
 
@@ -314,9 +316,11 @@ class ReuseCache:
         if not self.enabled:
             return False
         with self._lock:
+            now = self._clock()
+            self._expire(now)
             if ("img", key) in self._items:
                 self._remove(("img", key))
-            return self._admit(("img", key), _Features(features, _nbytes(features), self._clock()))
+            return self._admit(("img", key), _Features(features, _nbytes(features), now))
 
     def clear(self) -> None:
         """Drop everything (after out of memory, so the memory can be given back)."""

@@ -19,10 +19,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    DeepseekVLConfig,
+    DeepseekVLForConditionalGeneration,
     DeepseekVLHybridConfig,
     DeepseekVLHybridForConditionalGeneration,
     DeepseekVLHybridImageProcessor,
     DeepseekVLHybridProcessor,
+    DeepseekVLImageProcessor,
+    DeepseekVLProcessor,
     GenerationConfig,
     PreTrainedTokenizerFast,
 )
@@ -184,6 +188,24 @@ def build_config(tokenizer: PreTrainedTokenizerFast, context: int) -> DeepseekVL
     )
 
 
+def build_low_res_config(tokenizer: PreTrainedTokenizerFast, context: int) -> DeepseekVLConfig:
+    """The same tiny text model and SigLIP tower as DeepSeek-VL 1.3B's family: no SAM high-res branch."""
+    hybrid = build_config(tokenizer, context)
+    return DeepseekVLConfig(
+        text_config=hybrid.text_config.to_dict(),
+        vision_config=hybrid.vision_config.to_dict(),
+        image_token_id=hybrid.image_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def build_low_res_processor(tokenizer: PreTrainedTokenizerFast) -> DeepseekVLProcessor:
+    image_processor = DeepseekVLImageProcessor(
+        image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, resample=PILImageResampling.BILINEAR
+    )
+    return DeepseekVLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> DeepseekVLHybridProcessor:
     """The real image-processor settings of the converted checkpoint (384 / 1024, same means/stds)."""
     image_processor = DeepseekVLHybridImageProcessor(
@@ -198,13 +220,20 @@ def build_processor(tokenizer: PreTrainedTokenizerFast) -> DeepseekVLHybridProce
     )
 
 
-def build(out: Path, seed: int = 0, vocab_size: int = 512, context: int = 4096) -> Path:
-    """Write the checkpoint to `out` (replacing it) and return the path."""
+def build(out: Path, seed: int = 0, vocab_size: int = 512, context: int = 4096, low_res_only: bool = False) -> Path:
+    """Write the checkpoint to `out` (replacing it) and return the path.
+
+    `low_res_only` writes the 1.3B's family instead (DeepseekVLForConditionalGeneration, SigLIP only),
+    for tests that must cover both families; the bundled checkpoint is the hybrid.
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(vocab_size)
-    processor = build_processor(tokenizer)
-    config = build_config(tokenizer, context)
-    model = DeepseekVLHybridForConditionalGeneration(config).eval()
+    if low_res_only:
+        processor = build_low_res_processor(tokenizer)
+        model = DeepseekVLForConditionalGeneration(build_low_res_config(tokenizer, context)).eval()
+    else:
+        processor = build_processor(tokenizer)
+        model = DeepseekVLHybridForConditionalGeneration(build_config(tokenizer, context)).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
