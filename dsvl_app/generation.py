@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,18 @@ class _TokenStreamer(TextIteratorStreamer):
         self.text_queue.put(self.stop_signal, timeout=self.timeout)
 
 
+def model_inputs(model: Any, inputs: Any) -> dict[str, Any]:
+    """Processor outputs on the model's device, floating tensors in its dtype."""
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(model.device)
+            if value.is_floating_point():
+                value = value.to(model.dtype)
+        moved[key] = value
+    return moved
+
+
 def release_memory(device: torch.device) -> None:
     """Free what a failed generation held, so the next request can run."""
     gc.collect()
@@ -187,16 +200,6 @@ class Generation:
 
     # -- worker side
 
-    def _model_inputs(self) -> dict[str, Any]:
-        model = self.handle.model
-        moved = {}
-        for key, value in self._inputs.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(model.device)
-                if value.is_floating_point():
-                    value = value.to(model.dtype)
-            moved[key] = value
-        return moved
 
     def _work(self) -> None:
         handle = self.handle
@@ -206,10 +209,11 @@ class Generation:
                 return
             tokenizer = handle.processor.tokenizer
             with torch.inference_mode():
-                inputs, plan = self._model_inputs(), None
+                inputs, plan = model_inputs(handle.model, self._inputs), None
                 if handle.reuse.enabled:
                     # Earlier turns' keys/values and image features, taken out of the shared store for this call.
-                    plan = reuse.plan(handle.model, handle.reuse, inputs, handle.model.config.image_token_id,
+                    keys = reuse.image_keys(self._inputs)  # of the processor's CPU tensors, as Prefetcher hashes them
+                    plan = reuse.plan(handle.model, handle.reuse, inputs, keys, handle.model.config.image_token_id,
                                       int(handle.processor.num_image_tokens))
                     inputs = plan.kwargs
                     self.stats.reused_tokens, self.stats.images_reused = plan.reused_tokens, plan.images_reused
@@ -323,6 +327,84 @@ class Generation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Prefetcher:
+    """Encodes images attached in the UI while the model is idle, so their features wait in the reuse
+    cache when the user presses Enter (on the 7B's CPU path an image costs ~5 s to encode).
+
+    It never delays a reply: it takes the model only when no generate call runs or waits
+    (`GenerationSlots.acquire_if_idle`), one image at a time, and gives up on an image after
+    `max_wait_s`. Images it cannot load are skipped: the reply refuses them with its own message.
+    """
+
+    def __init__(self, handle: ModelHandle, load: Callable[[str], Any], max_wait_s: float = 300.0,
+                 poll_s: float = 0.1):
+        self.handle = handle
+        self._load = load
+        self._max_wait_s = max_wait_s
+        self._poll_s = poll_s
+        self._jobs: queue.Queue[tuple[str, float]] = queue.Queue(maxsize=64)
+        self._seen: OrderedDict[str, float] = OrderedDict()  # path → when it was queued (deduplicates events)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.encoded = 0  # images this prefetcher encoded (for the meters' tests and logs)
+
+    def submit(self, paths: Iterable[str]) -> int:
+        """Queue images for encoding; returns how many were new. Never blocks."""
+        if not self.handle.reuse.enabled:
+            return 0
+        queued, now = 0, time.monotonic()
+        with self._lock:
+            for path in paths:
+                if path in self._seen and now - self._seen[path] < self._max_wait_s:
+                    continue
+                try:
+                    self._jobs.put_nowait((path, now))
+                except queue.Full:
+                    break  # a flood of attachments: the rest are encoded when their reply needs them
+                self._seen[path] = now
+                self._seen.move_to_end(path)
+                while len(self._seen) > 256:
+                    self._seen.popitem(last=False)
+                queued += 1
+            if queued and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dsvl-prefetch", daemon=True)
+                self._thread.start()
+        return queued
+
+    def _run(self) -> None:
+        while True:
+            path, queued_at = self._jobs.get()
+            try:
+                self._encode(path, queued_at + self._max_wait_s)
+            except Exception:  # noqa: BLE001 - background help only: the reply path reports real errors
+                log.exception("encoding %s ahead of its reply failed", path)
+
+    def _encode(self, path: str, deadline: float) -> None:
+        handle = self.handle
+        try:
+            image = self._load(path)
+        except ValueError:  # ImageRejected and the like: the reply will name the problem
+            return
+        pixels = handle.processor.image_processor(images=[image], return_tensors="pt")
+        key = reuse.image_keys(pixels)[0]
+        slots = handle.generation_slots
+        while handle.reuse.get_features(key) is None:
+            if slots.acquire_if_idle():
+                try:
+                    with torch.inference_mode():
+                        features = reuse.encode_images(handle.model, model_inputs(handle.model, pixels))
+                    handle.reuse.put_features(key, features[0])
+                    self.encoded += 1
+                except torch.OutOfMemoryError:
+                    release_memory(handle.device)
+                finally:
+                    slots.release()
+                return
+            if time.monotonic() > deadline:
+                return
+            time.sleep(self._poll_s)
 
 
 def generate_stream(handle: ModelHandle, inputs: Any, params: GenerationParams, token_timeout_s: float) -> Generation:

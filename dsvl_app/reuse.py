@@ -356,11 +356,14 @@ class Plan:
         return self.images - self.images_encoded
 
 
-def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], image_token_id: int, tokens_per_image: int) -> Plan:
+def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequence[str], image_token_id: int,
+         tokens_per_image: int) -> Plan:
     """Generate kwargs that reuse what `store` holds: the full ids and mask, a cache for their reusable
-    prefix, and features (cached or encoded now, then cached) for the images after that prefix only."""
+    prefix, and features (cached or encoded now, then cached) for the images after that prefix only.
+
+    `inputs` are on the model's device; `keys` are `image_keys` of the processor's own (CPU) output.
+    """
     ids = inputs["input_ids"][0].detach().to("cpu")
-    keys = image_keys(inputs)
     spans = image_spans(ids, image_token_id, tokens_per_image, keys)
     taken = store.take_prefix(ids, spans)
     suffix = [i for i, span in enumerate(spans) if span.start >= taken.length]
@@ -371,8 +374,8 @@ def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], image_token_i
         pixels = {k: inputs[k][index] for k in PIXEL_KEYS if inputs.get(k) is not None}
         encoded = encode_images(model, pixels)
         for n, i in enumerate(missing):
-            features[i] = encoded[n]
-            store.put_features(keys[i], encoded[n])
+            features[i] = encoded[n] if len(missing) == 1 else encoded[n].clone()  # own storage: evictable alone
+            store.put_features(keys[i], features[i])
     cache = dynamic_cache(model.config, taken.kv, taken.length)
     kwargs: dict[str, Any] = {
         "input_ids": inputs["input_ids"],

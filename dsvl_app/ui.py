@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 
 from . import conversation as conv
-from .generation import GenerationError, GenerationParams, GenerationStats, generate_stream
+from .generation import GenerationError, GenerationParams, GenerationStats, Prefetcher, generate_stream
 from .media import ImageRejected, check_location, load_image
 from .model import ModelHandle, get_model
 from .preview import ImageView, image_views
@@ -67,8 +67,10 @@ def banner_markdown(handle: ModelHandle) -> str:
         what += (" — a tiny demo checkpoint for offline use and tests, *not* DeepSeek-VL. It only knows simple "
                  "shapes: it names a shape's colour and kind and the colour of the first/second image reliably; "
                  "its counts of 1-4 shapes are right about nine times in ten")
-    lines = [what, f"**Device:** {handle.device} · **dtype:** {str(handle.dtype).removeprefix('torch.')}"
-             + (f" · **weights:** {handle.quantized}" if handle.quantized else "")]
+    dtype = str(handle.dtype).removeprefix("torch.") + (f" ({handle.dtype_reason})" if handle.dtype_reason else "")
+    lines = [what, f"**Device:** {handle.device} · **dtype:** {dtype}"
+             + (f" · **weights:** {handle.quantized}" if handle.quantized else ""),
+             f"**Reuse across turns:** {handle.describe_cache()}"]
     if not handle.has_high_res:
         lines.append("This model family uses the low-res (384) view only.")
     if handle.offline_fallback:
@@ -76,7 +78,16 @@ def banner_markdown(handle: ModelHandle) -> str:
     return "\n\n".join(lines)
 
 
-def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, stop_reason: str | None = None) -> str:
+def reuse_meter(stats: GenerationStats, reuse_on: bool) -> str:
+    """How much of this prompt earlier turns had already computed."""
+    if not reuse_on:
+        return "off"
+    images = f"{stats.images_reused} of {stats.images} image(s) not re-encoded" if stats.images else "no images"
+    return f"{stats.reused_tokens:,} of {stats.prompt_tokens:,} prompt tokens · {images}"
+
+
+def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, stop_reason: str | None = None,
+                    reuse_on: bool = True) -> str:
     """Prompt tokens against the context, time to first token, tokens/s, stop reason, dropped turns."""
     if prompt is None:
         return "No reply yet."
@@ -90,6 +101,7 @@ def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, s
         ttft = "—" if stats.time_to_first_token_s is None else f"{stats.time_to_first_token_s:.2f} s"
         speed = "—" if stats.tokens_per_s is None else f"{stats.tokens_per_s:.1f}"
         rows += [
+            ("Reused from earlier turns", reuse_meter(stats, reuse_on)),
             ("Time to first token", ttft),
             ("Tokens/s", speed),
             ("New tokens", str(stats.new_tokens)),
@@ -141,6 +153,7 @@ class ChatApp:
         self.handle = handle or get_model(settings)
         # Only gradio's upload cache and our examples may be read (API clients could name any path).
         self.allowed_roots = [gr.utils.get_upload_folder(), str(EXAMPLES_DIR)]
+        self.prefetcher = Prefetcher(self.handle, lambda path: self._load(path, self.limits))
 
     # -- the one code path for UI and API
 
@@ -224,7 +237,7 @@ class ChatApp:
             params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
             for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
                 chat = shown_user + [{"role": "assistant", "content": update.reply}]
-                meters = meters_markdown(update.prompt, update.stats)
+                meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
                 state = {"prompt": update.prompt, "stats": update.stats}
                 if i == 0:
                     low, high = gallery_items(update.views, False), gallery_items(update.views, True)
@@ -237,7 +250,8 @@ class ChatApp:
             gr.Warning(str(exc))
             if update is not None and update.reply:
                 # Keep what was already generated (e.g. a stall after some tokens) and say why it ended.
-                yield gr.skip(), gr.skip(), gr.skip(), meters_markdown(update.prompt, update.stats), gr.skip(), gr.skip()
+                meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
+                yield gr.skip(), gr.skip(), gr.skip(), meters, gr.skip(), gr.skip()
             else:
                 # Nothing answered: the conversation goes back to how it was and the message back into the box.
                 yield history_before, gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(value=message), gr.skip()
@@ -271,11 +285,15 @@ class ChatApp:
             return history, None, history
         return before + display_user_message(message, conv.count_images(before) + 1), message, before
 
-    @staticmethod
-    def stopped(state: dict | None) -> str:
+    def stopped(self, state: dict | None) -> str:
         """Meters after the Stop button: the last figures, marked as stopped."""
         state = state or {}
-        return meters_markdown(state.get("prompt"), state.get("stats"), stop_reason="stopped (by you)")
+        return meters_markdown(state.get("prompt"), state.get("stats"), stop_reason="stopped (by you)",
+                               reuse_on=self.handle.reuse.enabled)
+
+    def prefetch(self, message: Any) -> None:
+        """Attached images are encoded in the background while the model is idle (ready at Enter)."""
+        self.prefetcher.submit(_file_paths(message)["files"])
 
     @staticmethod
     def cleared() -> tuple:
@@ -385,6 +403,11 @@ class ChatApp:
             self.edit, [self.chatbot], [self.chatbot, self.pending, self.history_before], queue=False, **private
         ).then(**respond)
         edit.then(**unlock)
+
+        # Encode on attach: the handler only queues the images (a background thread does the work when the
+        # model is idle), so it answers at once; it also runs on typing, where it finds nothing new.
+        self.chat_input.change(self.prefetch, [self.chat_input], None, queue=False, show_progress="hidden",
+                               trigger_mode="always_last", **private)
 
         self.chatbot.undo(self.undo, [self.chatbot], [self.chatbot, self.chat_input], queue=False, **private)
 

@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.conftest import generate_threads
 
@@ -157,3 +158,33 @@ def test_non_image_file_is_refused_and_conversation_survives(chat, tmp_path):
     chat.send("What is this?", str(EXAMPLES / "blue_square.png"))
     chat.wait_reply_done()
     assert len(chat.bot_texts()) == 2 and "Image 2" in chat.page.locator("#chatbot").inner_text()
+
+
+def test_an_attached_image_is_encoded_before_enter_and_later_turns_are_reused(chat, handle, tmp_path):
+    """Encode on attach, then the meters show what the reply did not recompute."""
+    from PIL import ImageDraw
+
+    from dsvl_app.media import load_image
+    from dsvl_app.reuse import image_keys
+    from dsvl_app.settings import Limits
+
+    path = tmp_path / "purple_square.png"  # drawn now: no earlier test can have encoded it
+    image = Image.new("RGB", (300, 220), (235, 235, 225))
+    ImageDraw.Draw(image).rectangle((90, 50, 210, 170), fill=(128, 0, 160))
+    image.save(path)
+    pixels = handle.processor.image_processor(images=[load_image(path, Limits())], return_tensors="pt")
+    key = image_keys(pixels)[0]
+    assert handle.reuse.get_features(key) is None
+    chat.attach(str(path))
+    deadline = time.time() + 30
+    while handle.reuse.get_features(key) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert handle.reuse.get_features(key) is not None, "the attached image was not encoded while the model was idle"
+    chat.send("What colour is the shape?")
+    assert chat.wait_reply_done().strip() == "The shape is purple."
+    assert "1 of 1 image(s) not re-encoded" in chat.meters()
+    chat.send("What shape is it?")
+    assert chat.wait_reply_done().strip() == "It is a square."
+    reused = chat.meters().split("Reused from earlier turns")[1].split("\n")[0]
+    tokens, total = (int(n.replace(",", "")) for n in reused.split("prompt tokens")[0].split(" of "))
+    assert 576 < tokens < total and "1 of 1 image(s) not re-encoded" in reused

@@ -362,3 +362,42 @@ def test_cache_memory_never_goes_above_the_cap_across_conversations(random_handl
             assert on.reuse.nbytes <= per_turn
     stats = on.reuse.stats()
     assert stats.evicted + stats.dropped_too_big > 0 and stats.nbytes <= per_turn
+
+
+# ---------------------------------------------------------------- encode on attach
+
+
+def test_prefetch_encodes_an_attached_image_only_while_the_model_is_idle(random_handle, images, tmp_path):
+    from dsvl_app.generation import Prefetcher
+    from dsvl_app.media import load_image
+
+    on, off = with_cache(random_handle), with_cache(random_handle, 0)
+    prefetcher = Prefetcher(on, lambda path: load_image(path, LIMITS), poll_s=0.02)
+    running = {"text": "Describe it.", "files": [images["red"]]}
+    prompt = conv.build_prompt(on.processor, [], running, LIMITS, on.context_tokens, 2000)
+    remove = _hook(on, lambda: time.sleep(0.005))
+    try:
+        generation = generate_stream(on, conv.encode(on.processor, prompt.messages),
+                                     GenerationParams(max_new_tokens=2000), 60)
+        stream = iter(generation)
+        next(stream)
+        assert prefetcher.submit([images["yellow"]]) == 1 and prefetcher.submit([images["yellow"]]) == 0
+        time.sleep(0.5)
+        assert prefetcher.encoded == 0  # a reply runs: the image waits, the reply is not slowed
+        generation.stop(wait=5)
+        list(stream)
+    finally:
+        remove.remove()
+    deadline = time.monotonic() + 10
+    while prefetcher.encoded == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert prefetcher.encoded == 1  # the model went idle: encoded in the background
+    message = {"text": "And this one?", "files": [images["yellow"]]}
+    text, stats = reply(on, [], message)
+    assert stats.images_reused == 1 and text == reply(off, [], message)[0]  # not re-encoded, and exact
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert prefetcher.submit([str(bad)]) == 1
+    time.sleep(0.3)
+    assert prefetcher.encoded == 1 and prefetcher._thread.is_alive()  # skipped; the reply will name the problem
+    assert Prefetcher(off, lambda path: load_image(path, LIMITS)).submit([images["blue"]]) == 0  # reuse off
