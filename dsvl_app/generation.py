@@ -210,13 +210,16 @@ class Generation:
             tokenizer = handle.processor.tokenizer
             with torch.inference_mode():
                 inputs, plan = model_inputs(handle.model, self._inputs), None
+                max_new = self.params.max_new_tokens
                 if handle.reuse.enabled:
                     # Earlier turns' keys/values and image features, taken out of the shared store for this call.
                     keys = reuse.image_keys(self._inputs)  # of the processor's CPU tensors, as Prefetcher hashes them
                     plan = reuse.plan(handle.model, handle.reuse, inputs, keys, handle.model.config.image_token_id,
-                                      int(handle.processor.num_image_tokens))
+                                      int(handle.processor.num_image_tokens), max_new)
                     inputs = plan.kwargs
                     self.stats.reused_tokens, self.stats.images_reused = plan.reused_tokens, plan.images_reused
+                else:
+                    inputs["past_key_values"] = reuse.new_cache(handle.model.config, self.stats.prompt_tokens + max_new)
                 if self.params.seed is not None:
                     torch.manual_seed(int(self.params.seed))  # seeds CUDA too; safe: we hold the slot
                 sequences = handle.model.generate(
@@ -226,6 +229,7 @@ class Generation:
                     stopping_criteria=StoppingCriteriaList([self._criteria]),
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
+                    disable_compile=True,  # a static cache would make generate torch.compile on CUDA, per shape
                 )
                 if plan is not None:
                     self._keep(plan, sequences)

@@ -10,14 +10,16 @@ process-wide, shared by every session (an entry is found by content, never by se
 - an **image feature** is the aligner output of one image, found by the hash of the processor's pixel
   tensors, so an image is not re-encoded even when no prefix entry holds it any more.
 
-The traps that give silently wrong answers (../shared/notes/reuse-facts.md) are handled here:
-`reusable_length` never covers the whole prompt (at least its last token is fed again) and never
-splits an image's placeholder run, and `plan` passes features only for images in the uncached suffix.
+`generate` with a cache and images has traps that give silently wrong answers; they are handled here:
+`reusable_length` never covers the whole prompt (at least its last token is fed again, else generate
+feeds the whole prompt on top of the cache) and never splits an image's placeholder run, and `plan`
+passes the full ids and mask with features only for the images in the uncached suffix.
 
 Memory: entries live on the model's device; their bytes never exceed the cap (least-recently-used
 entries go first), entries idle longer than `idle_s` are dropped, and `clear()` empties everything (on
-out of memory). A generate call *takes* its entry out (no two calls share one), and only a successful
-call puts an entry back. No gradio, no model loading: the model is passed in.
+out of memory). A generate call *takes* its entry out (no two calls share one) and copies the matching
+part into a static cache of its own (`new_cache`); only a successful call puts an entry back. No
+gradio, no model loading: the model is passed in.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 log = logging.getLogger(__name__)
@@ -119,23 +121,25 @@ def kv_nbytes(kv: KV) -> int:
     return sum(_nbytes(k) + _nbytes(v) for k, v in kv)
 
 
-def kv_of(cache: DynamicCache) -> KV:
-    """The per-layer (keys, values) tensors a DynamicCache holds."""
-    return tuple((layer.keys, layer.values) for layer in cache.layers if layer.is_initialized)
+def kv_of(cache: StaticCache) -> KV:
+    """Compact copies of the positions a cache holds, per layer (its buffers also hold unused capacity)."""
+    length = int(cache.get_seq_length())
+    return tuple((layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone())
+                 for layer in cache.layers if layer.is_initialized)
 
 
-def dynamic_cache(config: Any, kv: KV | None, length: int) -> DynamicCache:
-    """A DynamicCache for `config` holding the first `length` positions of `kv` (views: no copy).
+def new_cache(config: Any, capacity: int, kv: KV | None = None, length: int = 0) -> StaticCache:
+    """A cache of `capacity` positions for one generate call, holding the first `length` positions of `kv`.
 
-    Safe to hand views of a stored entry to generate: `DynamicLayer.update` concatenates into new
-    tensors and never writes into the ones it was given.
+    Static, not transformers' default DynamicCache: that one concatenates its whole contents into new
+    tensors at every decoded token, which made decoding a fifth slower at 3k tokens of context on the
+    1.3B (measured by bench/bench_reuse.py); a static cache writes each new token in place. Sized to the
+    prompt plus `max_new_tokens`, so it never runs out.
     """
-    cache = DynamicCache(config=config)
-    if kv is None or length == 0:
-        return cache
-    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+    cache = StaticCache(config=config, max_cache_len=capacity)
+    if kv is not None and length:
+        for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+            layer.update(keys[..., :length, :], values[..., :length, :])
     return cache
 
 
@@ -160,7 +164,7 @@ class _Features:
 
 @dataclass(frozen=True)
 class Taken:
-    """What `take_prefix` found: keys/values for the first `length` tokens (None: nothing reusable)."""
+    """What `take_prefix` found: keys/values of which the first `length` tokens match (None: nothing)."""
 
     kv: KV | None
     length: int
@@ -258,7 +262,8 @@ class ReuseCache:
         """The entry that covers most of `ids`, taken out of the store while a generate call uses it.
 
         When the match is under half of the entry (another conversation sharing only the system preamble,
-        say), the entry stays for its own conversation and a copy of the matching part is handed out.
+        say), the entry stays for its own conversation. Either way the caller copies the matching part
+        into its own cache (`new_cache`), so a stored entry is never written to.
         """
         if not self.enabled:
             return Taken(None, 0)
@@ -278,9 +283,7 @@ class ReuseCache:
                 return Taken(entry.kv, best_len)
             entry.last_used = self._clock()
             self._items.move_to_end(best_key)
-            kv = entry.kv
-        copied = tuple((k[..., :best_len, :].clone(), v[..., :best_len, :].clone()) for k, v in kv)
-        return Taken(copied, best_len)
+            return Taken(entry.kv, best_len)
 
     def put_prefix(self, ids: torch.Tensor, spans: Sequence[ImageSpan], kv: KV) -> bool:
         """Store the keys/values of `ids` (entries it extends are dropped: it holds all they held)."""
@@ -343,7 +346,7 @@ class Plan:
     """The inputs of one generate call with reuse, and what to store when it succeeds."""
 
     kwargs: dict[str, Any]
-    cache: DynamicCache
+    cache: StaticCache
     ids: torch.Tensor
     spans: tuple[ImageSpan, ...]
     reused_tokens: int
@@ -357,7 +360,7 @@ class Plan:
 
 
 def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequence[str], image_token_id: int,
-         tokens_per_image: int) -> Plan:
+         tokens_per_image: int, max_new_tokens: int) -> Plan:
     """Generate kwargs that reuse what `store` holds: the full ids and mask, a cache for their reusable
     prefix, and features (cached or encoded now, then cached) for the images after that prefix only.
 
@@ -376,7 +379,7 @@ def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequenc
         for n, i in enumerate(missing):
             features[i] = encoded[n] if len(missing) == 1 else encoded[n].clone()  # own storage: evictable alone
             store.put_features(keys[i], features[i])
-    cache = dynamic_cache(model.config, taken.kv, taken.length)
+    cache = new_cache(model.config, int(ids.shape[0]) + max_new_tokens, taken.kv, taken.length)
     kwargs: dict[str, Any] = {
         "input_ids": inputs["input_ids"],
         "attention_mask": inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])),
@@ -390,6 +393,6 @@ def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequenc
 
 def keep(store: ReuseCache, plan_: Plan, sequences: torch.Tensor) -> None:
     """After a successful generate: store the keys/values it left (prompt + reply but its last token)."""
-    length = plan_.cache.get_seq_length()
+    length = int(plan_.cache.get_seq_length())
     if length:
         store.put_prefix(sequences[0, :length], plan_.spans, kv_of(plan_.cache))

@@ -73,6 +73,26 @@ def test_tiny_handle_facts(handle):
     assert not handle.offline_fallback
 
 
+def test_reuse_cache_is_sized_as_asked_or_from_free_memory(settings):
+    from dataclasses import replace
+
+    from dsvl_app.model import default_cache_bytes, reuse_cache
+
+    cpu = torch.device("cpu")
+    cache, why = reuse_cache(replace(settings, cache_mb=64), cpu)
+    assert cache.capacity_bytes == 64 * 2**20 and "as asked" in why
+    cache, why = reuse_cache(replace(settings, cache_mb=0), cpu)
+    assert not cache.enabled and "--cache-mb 0" in why
+    cache, why = reuse_cache(replace(settings, zero_gpu=True), cpu)
+    assert not cache.enabled and "ZeroGPU" in why
+    import psutil
+
+    share, why = default_cache_bytes(cpu)
+    assert 0 < share <= psutil.virtual_memory().available and "RAM" in why
+    handle = load_model(replace(settings, cache_mb=32))
+    assert handle.reuse.capacity_bytes == 32 * 2**20 and "32 MB" in handle.describe_cache()
+
+
 def test_tiny_checkpoint_loads_fast(settings):
     t0 = time.perf_counter()
     load_model(settings)

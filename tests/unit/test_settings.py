@@ -43,3 +43,17 @@ def test_bad_environment_is_named(capsys):
 def test_share_is_a_plain_flag():
     assert parse_settings(["--share"], environ={}).share is True
     assert parse_settings(["--share", "false"], environ={}).share is False
+
+
+def test_cache_size_and_idle_time():
+    assert parse_settings([], environ={}).cache_mb is None  # a share of free memory, chosen at load
+    assert parse_settings(["--cache-mb", "0"], environ={}).cache_mb == 0  # reuse off
+    s = parse_settings(["--cache-idle-s", "60"], environ={"DSVL_CACHE_MB": "512"})
+    assert (s.cache_mb, s.cache_idle_s) == (512, 60)
+    assert parse_settings([], environ={"SPACES_ZERO_GPU": "true"}).zero_gpu
+
+
+def test_negative_cache_size_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--cache-mb", "-1"], environ={})
+    assert "0 turns it off" in capsys.readouterr().err
