@@ -93,7 +93,7 @@ def main() -> None:
     settings = parse_settings(["--model", args.model or untrained_checkpoint(), "--port", "0"], environ={})
     handle = get_model(settings)
     demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings)
+    kwargs = launch_kwargs(settings, handle)
     kwargs.update(server_port=None, prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     client = Client(demo.local_url, verbose=False)

@@ -155,7 +155,7 @@ def print_turns(title: str, rounds: list, exact_dtype: bool) -> None:
 
 def launch(settings, handle):
     demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings)
+    kwargs = launch_kwargs(settings, handle)
     kwargs.update(server_port=None, prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     return demo, Client(demo.local_url, verbose=False)
@@ -305,6 +305,7 @@ def main() -> None:
           f"{ratio[3]:.3f}× (≤ 0.40×; {ratio[4]:.3f}× when it was encoded on attach)")
     exact_name = "float32" if "float32" in results else "auto"
     off, on, _ = results[exact_name][0]
+    images = images if exact_name == "float32" else round_images(folder, 1)  # that round's images, redrawn
 
     # [2] The same conversation through /chat, history resent each turn, against the engine without reuse.
     handle = handles[exact_name]

@@ -277,13 +277,19 @@ def check_image_limits(turns: Sequence[Turn], new: Turn, limits: Limits) -> None
 def fit_to_context(
     turns: Sequence[Turn], count: Callable[[Sequence[Turn]], int], context_tokens: int, max_new_tokens: int
 ) -> tuple[list[Turn], int, int]:
-    """Drop the oldest whole exchanges until prompt + max_new_tokens fits; (turns, dropped, prompt tokens)."""
-    kept = list(turns)
+    """Drop the oldest whole exchanges until prompt + max_new_tokens fits; (turns, dropped, prompt tokens).
+
+    Leading system turns are kept: they are instructions for the whole conversation, not an exchange.
+    """
+    pinned = 0
+    while pinned < len(turns) and turns[pinned].role == "system":
+        pinned += 1
+    system, kept = list(turns[:pinned]), list(turns[pinned:])
     dropped = 0
     while True:
-        tokens = count(kept)
+        tokens = count(system + kept)
         if tokens + max_new_tokens <= context_tokens:
-            return kept, dropped, tokens
+            return system + kept, dropped, tokens
         if len(kept) <= 1:
             images = len(kept[0].images) if kept else 0
             raise ContextOverflow(
@@ -306,9 +312,26 @@ def build_prompt(
     max_new_tokens: int,
     load: Callable[[str, Limits], Image.Image] = load_image,
 ) -> Prompt:
-    """Validate, budget and load everything the model needs for one reply."""
-    new = parse_message(message)
-    turns = conversation_turns(history, message)
+    """Validate, budget and load everything the model needs for one reply (gradio history + new message)."""
+    return prompt_for_turns(processor, conversation_turns(history, message), limits, context_tokens, max_new_tokens,
+                            load, new=parse_message(message))
+
+
+def prompt_for_turns(
+    processor: Any,
+    turns: Sequence[Turn],
+    limits: Limits,
+    context_tokens: int,
+    max_new_tokens: int,
+    load: Callable[[str, Limits], Image.Image] = load_image,
+    new: Turn | None = None,
+) -> Prompt:
+    """`build_prompt` for turns already parsed (the OpenAI adapter); `new` (default: the last turn) is the message
+    being answered, whose images are checked first and count against the per-message limit."""
+    turns = list(turns)
+    if not turns or turns[-1].role != "user":
+        raise ConversationError("The last message must be the user's.")
+    new = new or turns[-1]
     check_image_limits(turns, new, limits)
     # New uploads are checked first so a bad file is named even if the budget would drop it.
     images: dict[str, Image.Image] = {ref.path: load(ref.path, limits) for ref in new.images}

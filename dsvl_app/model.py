@@ -10,6 +10,7 @@ import logging
 import threading
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,33 +39,35 @@ class ModelLoadError(RuntimeError):
 
 
 class GenerationSlots:
-    """How many generate calls may run at once on the model, and whether it is idle.
+    """How many generate calls may run at once on the model, handed out first come, first served.
 
-    Replies wait for a slot (`acquire`); background work (encoding an image attached ahead of
-    Enter) only takes one when nothing runs and no reply waits (`acquire_if_idle`), so it never delays
-    a reply that is running or queued.
+    Replies from the UI, `/chat` and `/v1` wait in this one line (`acquire`), so no caller can jump it or
+    starve another. Background work (encoding an image attached ahead of Enter) only takes a slot when
+    nothing runs and nobody waits (`acquire_if_idle`), so it never delays a reply.
     """
 
     def __init__(self, n: int = 1):
         self.total = n
         self._free = n
-        self._waiting = 0
+        self._line: deque[object] = deque()
         self._cond = threading.Condition()
 
     def acquire(self, timeout: float | None = None) -> bool:
+        ticket = object()
         with self._cond:
-            self._waiting += 1
+            self._line.append(ticket)
             try:
-                if not self._cond.wait_for(lambda: self._free > 0, timeout):
+                if not self._cond.wait_for(lambda: self._free > 0 and self._line[0] is ticket, timeout):
                     return False
                 self._free -= 1
                 return True
             finally:
-                self._waiting -= 1
+                self._line.remove(ticket)
+                self._cond.notify_all()
 
     def acquire_if_idle(self) -> bool:
         with self._cond:
-            if self._free == self.total and self._waiting == 0:
+            if self._free == self.total and not self._line:
                 self._free -= 1
                 return True
             return False
@@ -72,12 +75,17 @@ class GenerationSlots:
     def release(self) -> None:
         with self._cond:
             self._free += 1
-            self._cond.notify()
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._line)
 
     @property
     def idle(self) -> bool:
         with self._cond:
-            return self._free == self.total and self._waiting == 0
+            return self._free == self.total and not self._line
 
 
 @dataclass

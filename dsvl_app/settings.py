@@ -49,8 +49,16 @@ class Settings:
     concurrency: int = 1
     cache_mb: float | None = None  # reuse cache cap; None: a share of free memory, 0: reuse off
     cache_idle_s: float = 1800.0
+    api_keys: tuple[str, ...] = ()  # bearer keys for /v1 (the OpenAI-compatible API)
+    allow_remote_images: bool = False  # may /v1 fetch http(s) image URLs
+    mcp: bool = False  # serve /chat as an MCP tool
     on_space: bool = False
     zero_gpu: bool = False  # a ZeroGPU Space: the GPU is attached per call
+
+    @property
+    def exposed(self) -> bool:
+        """Reachable by others: a share link, a password (so meant for others), or a non-loopback address."""
+        return self.share or self.auth is not None or self.server_name not in ("127.0.0.1", "localhost", "::1")
 
     @property
     def server_name(self) -> str:
@@ -97,6 +105,15 @@ def _megabytes(text: str) -> int:
     return int(value * 1024 * 1024)
 
 
+def _keys(text: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not keys:
+        raise argparse.ArgumentTypeError("expected one or more keys, separated by commas")
+    if any(len(k) < 8 for k in keys):
+        raise argparse.ArgumentTypeError("API keys must be at least 8 characters long")
+    return keys
+
+
 def _quantize(text: str) -> str | None:
     value = text.strip().lower()
     if value not in QUANTIZE:
@@ -130,6 +147,11 @@ _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
      "memory for reusing earlier turns (keys/values and image features) in MB; 0 turns reuse off "
      "(default: a share of the memory free after loading)"),
     ("--cache-idle-s", "DSVL_CACHE_IDLE_S", "cache_idle_s", float, 1800.0, "seconds before an unused cache entry is dropped"),
+    ("--api-key", "DSVL_API_KEY", "api_keys", _keys, (),
+     "key(s) for the OpenAI-compatible /v1 API, comma-separated; clients send 'Authorization: Bearer KEY'"),
+    ("--allow-remote-images", "DSVL_ALLOW_REMOTE_IMAGES", "allow_remote_images", _bool, False,
+     "let /v1 fetch http(s) image URLs (public addresses only, size-capped, no redirects)"),
+    ("--mcp", "DSVL_MCP", "mcp", _bool, False, "serve /chat as a Model Context Protocol tool"),
     ("--generations", "DSVL_GENERATIONS", "concurrent_generations", _positive_int, 1, "generate calls running at once on the model"),
 )
 _LIMIT_FIELDS = {f for f in Limits.__dataclass_fields__}

@@ -17,7 +17,9 @@ from typing import Any
 import gradio as gr
 
 from . import conversation as conv
+from . import openai_api
 from .generation import GenerationError, GenerationParams, GenerationStats, Prefetcher, generate_stream
+from .image_urls import ImageUrlError, ImageUrls, is_image_url
 from .media import ImageRejected, check_location, load_image
 from .model import ModelHandle, get_model
 from .preview import ImageView, image_views
@@ -45,6 +47,26 @@ def _on_gpu(fn):
     except ImportError:
         return fn
     return spaces.GPU(duration=120)(fn)
+
+
+# What the hidden `/chat` inputs tell API and MCP clients. Both are gr.JSON, so every shape a client sends
+# reaches our parser (and image URLs our intake): gradio's own schemas are not valid JSON Schema for MCP
+# clients — gr.JSON's is {"type": {}}, a MultimodalTextbox's has a `$ref` to a definition it cannot reach.
+MESSAGE_SCHEMA = {"type": "object", "required": ["text"], "properties": {
+    "text": {"type": "string"},
+    "files": {"type": "array", "items": {
+        "anyOf": [{"type": "string"}, {"type": "object"}],
+        "description": "an image: an http(s) URL or a data: URL (base64), or from gradio_client handle_file(path)"}}}}
+HISTORY_SCHEMA = {"type": "array", "items": {"type": "object"},
+                  "description": 'chat messages: [{"role": "user" | "assistant", "content": ...}]'}
+
+
+def _json_input(value: Any, label: str, schema: dict) -> gr.JSON:
+    """A gr.JSON input that describes itself with `schema` (an instance override: a subclass of a gradio
+    component would make gradio write a .pyi stub next to this module)."""
+    component = gr.JSON(value=value, label=label)
+    component.api_info = lambda: schema
+    return component
 
 
 # ---------------------------------------------------------------- pure view helpers
@@ -152,7 +174,8 @@ class ChatApp:
         self.limits: Limits = settings.limits
         self.handle = handle or get_model(settings)
         # Only gradio's upload cache and our examples may be read (API clients could name any path).
-        self.allowed_roots = [gr.utils.get_upload_folder(), str(EXAMPLES_DIR)]
+        self.allowed_roots = allowed_roots()
+        self.image_urls = image_urls(settings)
         self.prefetcher = Prefetcher(self.handle, lambda path: self._load(path, self.limits))
 
     # -- the one code path for UI and API
@@ -206,13 +229,39 @@ class ChatApp:
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
              repetition_penalty: float, seed: float | None) -> Iterator[str]:
-        """The `/chat` API: stateless; streams the full reply so far; specific errors as gr.Error."""
+        """Ask DeepSeek-VL about one or more images (stateless: send the earlier turns in `history`).
+
+        Images go in `message["files"]`, in the order the question refers to them (first, second, ...):
+        each a base64 data: URL of a PNG, JPEG, WebP, GIF, BMP or TIFF image (an http(s) URL only where the
+        server allows remote images). A reply streams as the full text so far; a refusal (unreadable image,
+        too many images or tokens) says why.
+
+        Args:
+            message: {"text": the question, "files": [image URLs]}, e.g. {"text": "What colour is the second image?", "files": ["data:image/png;base64,...", "data:image/jpeg;base64,..."]}.
+            history: the conversation so far as [{"role": "user" | "assistant", "content": text}, ...]; [] to start.
+            max_new_tokens: the longest reply, in tokens (1 to the server's cap; 512 is plenty for a paragraph).
+            temperature: 0 for the most likely (repeatable) answer; up to 2 for more varied ones.
+            top_p: nucleus sampling, 0.05 to 1 (only used when temperature > 0).
+            repetition_penalty: 1 for none; up to 2 to discourage repeating.
+            seed: makes sampling repeatable (any non-negative integer).
+
+        Returns:
+            The assistant's reply.
+        """
         try:
             params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-            for update in self.stream(_file_paths(message), history or [], params, with_views=False):
+            for update in self.stream(self._resolve_urls(message), history or [], params, with_views=False):
                 yield update.reply
-        except USER_ERRORS as exc:
+        except (*USER_ERRORS, ImageUrlError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+
+    def _resolve_urls(self, message: Any) -> dict:
+        """The API message with image URLs (MCP clients send them) replaced by the files the intake reads."""
+        if not isinstance(message, dict):
+            raise conv.ConversationError('The message must be {"text": str, "files": [...]}')
+        files = [self.image_urls.resolve_blocking(f, f"Image {n}") if is_image_url(f) else f
+                 for n, f in enumerate(message.get("files") or [], 1)]
+        return _file_paths({**message, "files": files})
 
     # -- UI event functions
 
@@ -370,7 +419,8 @@ class ChatApp:
         # Hidden components behind the public `/chat` endpoint: history is JSON so that every shape a client
         # sends (plain strings, {"path": ...}, typed parts) reaches our parser instead of a schema error.
         with gr.Group(visible=False):
-            self.api_history = gr.JSON(value=[], label="history")
+            self.api_message = _json_input({"text": "", "files": []}, "message", MESSAGE_SCHEMA)
+            self.api_history = _json_input([], "history", HISTORY_SCHEMA)
             self.api_reply = gr.Textbox(label="reply")
             self.api_button = gr.Button("chat")
 
@@ -423,11 +473,9 @@ class ChatApp:
 
         self.api_button.click(
             self.chat,
-            [self.chat_input, self.api_history, *controls],
+            [self.api_message, self.api_history, *controls],
             [self.api_reply],
-            api_name="chat",
-            api_description="Stateless chat: send a message ({'text', 'files'}) and the history so far; streams "
-            "the reply (each update is the full reply so far).",
+            api_name="chat",  # its docstring describes it on the API page and to MCP clients
             concurrency_id="generate",
         )
 
@@ -455,9 +503,24 @@ def build_demo(settings: Settings, handle: ModelHandle | None = None) -> gr.Bloc
     return demo
 
 
-def launch_kwargs(settings: Settings) -> dict[str, Any]:
-    """Arguments for demo.launch(): bind address, share, auth, upload cap, allowed files, theme."""
+def allowed_roots() -> list[str]:
+    """The only server folders a request may name: gradio's upload cache and our examples."""
+    return [gr.utils.get_upload_folder(), str(EXAMPLES_DIR)]
+
+
+def image_urls(settings: Settings) -> ImageUrls:
+    """Image URLs sent by API and MCP callers → files in an app folder inside gradio's upload cache."""
+    folder = Path(gr.utils.get_upload_folder()) / "dsvl-url-images"
+    return ImageUrls(folder, allowed_roots(), settings.limits, settings.allow_remote_images)
+
+
+def launch_kwargs(settings: Settings, handle: ModelHandle | None = None) -> dict[str, Any]:
+    """Arguments for demo.launch(): bind address, share, auth, upload cap, allowed files, theme, and the
+    OpenAI-compatible /v1 routes for `handle` (default: the shared one) on the same server."""
+    api = openai_api.Api(handle or get_model(settings), settings, image_urls(settings))
     return {
+        "app_kwargs": {"routes": openai_api.router(api).routes},  # before gradio's own routes
+        "mcp_server": settings.mcp,
         "server_name": settings.server_name,
         "server_port": settings.port,
         "share": settings.share,

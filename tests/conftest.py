@@ -61,7 +61,7 @@ def serve(settings: Settings, handle):
     from dsvl_app.ui import build_demo, launch_kwargs
 
     demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings)
+    kwargs = launch_kwargs(settings, handle)
     kwargs.update(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     try:

@@ -188,3 +188,27 @@ def test_an_attached_image_is_encoded_before_enter_and_later_turns_are_reused(ch
     reused = chat.meters().split("Reused from earlier turns")[1].split("\n")[0]
     tokens, total = (int(n.replace(",", "")) for n in reused.split("prompt tokens")[0].split(" of "))
     assert 576 < tokens < total and "1 of 1 image(s) not re-encoded" in reused
+
+
+def test_the_browser_and_a_v1_client_at_once(chat, app_server):
+    """A person in the UI and a program on /v1 share the model and get their own answers."""
+    import base64
+    import threading
+
+    import openai
+
+    client = openai.OpenAI(base_url=app_server[1] + "v1", api_key="unused", max_retries=0, timeout=120)
+    image = "data:image/png;base64," + base64.b64encode((EXAMPLES / "blue_square.png").read_bytes()).decode()
+    answers = {}
+
+    def program():
+        answers["v1"] = client.chat.completions.create(model="tiny-dsvl-hybrid", temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "What colour is the shape?"}]}]).choices[0].message.content
+
+    thread = threading.Thread(target=program)
+    chat.send("What colour is the shape?", str(EXAMPLES / "red_circle.png"))
+    thread.start()
+    assert chat.wait_reply_done().strip() == "The shape is red."
+    thread.join(60)
+    assert answers["v1"].strip() == "The shape is blue."

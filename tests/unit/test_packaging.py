@@ -19,8 +19,9 @@ def front_matter() -> dict:
 
 def pinned(package: str) -> str:
     for line in (ROOT / "requirements.txt").read_text().splitlines():
-        if line.startswith(f"{package}=="):
-            return line.split("==")[1].split()[0]
+        match = re.match(rf"{re.escape(package)}(\[[\w,]+\])?==([^\s#]+)", line)
+        if match:
+            return match.group(2)
     raise AssertionError(f"{package} is not pinned")
 
 

@@ -1,0 +1,517 @@
+"""An OpenAI-compatible API on the app's own server: `POST /v1/chat/completions` and `GET /v1/models`.
+
+An HTTP adapter over the engine call the UI makes: OpenAI messages become conversation turns, every
+image goes through the same intake as an upload (`media.load_image`: the same refusals, the same
+words), the processor renders and budgets the prompt, and the reply streams from the same
+`Generation` — so reuse across turns, Stop-on-disconnect and out-of-memory handling come along.
+Requests wait for the model in the same first-come-first-served line as the UI's (`GenerationSlots`),
+and at most `--queue-size` of them wait. Keys are checked as `Authorization: Bearer …`; an exposed
+app (share link, password, non-loopback address) without a key keeps `/v1` closed.
+
+Pure parts (request parsing, stop strings, response bodies) are plain functions; the routes at the
+end are thin. No gradio imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from . import conversation as conv
+from .generation import GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, generate_stream
+from .image_urls import ImageUrlError, ImageUrls
+from .media import ImageRejected, load_image
+from .model import ModelHandle
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 512
+MAX_STOP_STRINGS = 4
+# Accepted besides the ones with a meaning below; each must hold its neutral value (checked in parse_request).
+NEUTRAL_FIELDS = {"n": 1, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0}
+IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}  # bookkeeping fields with no effect on a reply
+MEANINGFUL_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
+                     "temperature", "top_p", "seed", "stop", "repetition_penalty", "response_format", "tools",
+                     "tool_choice", "functions", "function_call", "top_logprobs", "logit_bias"}
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------- requests (pure)
+
+
+@dataclass(frozen=True)
+class ImageUrl:
+    """An image part before it is fetched or decoded: its URL and where it was in the request."""
+
+    url: str
+    label: str  # "image 1 of message 2", for messages about it
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request."""
+
+    messages: list[tuple[str, list[str | ImageUrl]]]  # (role, parts in order)
+    params: GenerationParams
+    stream: bool = False
+    include_usage: bool = False
+    stop: tuple[str, ...] = ()
+    model: str = ""
+
+
+def _text_parts(content: Any, where: str, images: bool) -> list[str | dict]:
+    """A message's content as a list of string / image-part dicts, refusing what the model cannot take."""
+    if isinstance(content, str):
+        return [content]
+    if content is None:
+        return []
+    if not isinstance(content, list):
+        raise _invalid(f"{where}.content must be a string or a list of content parts", f"{where}.content")
+    parts: list[str | dict] = []
+    for n, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind == "image_url" and images:
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, Mapping) else image if isinstance(image, str) else None
+            if not isinstance(url, str) or not url:
+                raise _invalid(f"{where}.content[{n}].image_url.url must be a URL string", f"{where}.content[{n}]")
+            parts.append({"url": url})
+        elif kind == "image_url":
+            raise _invalid(f"{where}: only user messages can hold images", f"{where}.content[{n}]")
+        else:
+            raise _invalid(f"{where}.content[{n}]: content parts of type {kind!r} are not supported "
+                           "(supported: 'text', and 'image_url' in user messages)", f"{where}.content[{n}]")
+    return parts
+
+
+def parse_messages(messages: Any) -> list[tuple[str, list[str | ImageUrl]]]:
+    """OpenAI messages → (role, parts) in order; system/developer first, user last."""
+    if not isinstance(messages, list) or not messages:
+        raise _invalid("'messages' must be a non-empty list", "messages")
+    out: list[tuple[str, list[str | ImageUrl]]] = []
+    image_no = 0
+    for m, message in enumerate(messages):
+        where = f"messages[{m}]"
+        if not isinstance(message, Mapping):
+            raise _invalid(f"{where} must be an object with 'role' and 'content'", where)
+        role = message.get("role")
+        if role == "developer":
+            role = "system"  # OpenAI's newer name for the same thing
+        if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
+            raise _invalid(f"{where}: tool and function calls are not supported by DeepSeek-VL", where)
+        if role not in ("system", "user", "assistant"):
+            raise _invalid(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{where}.role")
+        if role == "system" and any(r != "system" for r, _ in out):
+            raise _invalid(f"{where}: system messages must come before the conversation", where)
+        parts: list[str | ImageUrl] = []
+        for part in _text_parts(message.get("content"), where, images=role == "user"):
+            if isinstance(part, dict):
+                image_no += 1
+                parts.append(ImageUrl(part["url"], f"Image {image_no} (message {m + 1})"))
+            elif part.strip():
+                parts.append(part)
+        out.append((role, parts))
+    if out[-1][0] != "user":
+        raise _invalid("The last message must be the user's: it is the one answered", "messages")
+    return out
+
+
+def _number(body: Mapping, name: str, kind: type, low: float, high: float, default: Any) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+        raise _invalid(f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
+    if not low <= value <= high:
+        raise _invalid(f"'{name}' must be between {low:g} and {high:g}, got {value}", name)
+    return kind(value)
+
+
+def parse_request(body: Any, model_id: str, max_new_tokens_cap: int) -> ChatRequest:
+    """Validate a /v1/chat/completions body; refusals name the field, in OpenAI's error shape."""
+    if not isinstance(body, Mapping):
+        raise _invalid("The request body must be a JSON object")
+    unknown = sorted(set(body) - MEANINGFUL_FIELDS - set(NEUTRAL_FIELDS) - IGNORED_FIELDS)
+    if unknown:
+        raise _invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
+    for name, neutral in NEUTRAL_FIELDS.items():
+        value = body.get(name)
+        if value is not None and value != neutral:
+            hint = {"n": "one choice per request; send n requests for n replies",
+                    "frequency_penalty": "use 'repetition_penalty' (0.5-2, 1 = off) instead",
+                    "presence_penalty": "use 'repetition_penalty' (0.5-2, 1 = off) instead",
+                    "logprobs": "log-probabilities are not returned"}[name]
+            raise _invalid(f"'{name}' = {value!r} is not supported: {hint}", name, "unsupported_value")
+    for name in ("tools", "functions", "top_logprobs", "logit_bias", "tool_choice", "function_call"):
+        if body.get(name) not in (None, [], {}, "none"):
+            raise _invalid(f"'{name}' is not supported by DeepSeek-VL", name, "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise _invalid("Only response_format {'type': 'text'} is supported", "response_format", "unsupported_value")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("'model' is required: GET /v1/models lists it", "model")
+    if model != model_id:
+        raise ApiError(404, f"The model {model!r} does not exist here; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _invalid("'stream' must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and (not stream or not isinstance(options, Mapping) or set(options) - {"include_usage"}):
+        raise _invalid("'stream_options' ({'include_usage': bool}) is only allowed with stream: true", "stream_options")
+    tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, tokens_name, int, 1, max_new_tokens_cap, min(DEFAULT_MAX_TOKENS, max_new_tokens_cap))
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
+        raise _invalid(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS}", "stop")
+    params = GenerationParams(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", float, 0, 2, 1.0),  # OpenAI's defaults, not the UI's greedy
+        top_p=_number(body, "top_p", float, 0, 1, 1.0) or 1e-6,
+        repetition_penalty=_number(body, "repetition_penalty", float, 0.5, 2, 1.0),
+        seed=_number(body, "seed", int, 0, 2**63 - 1, None),
+    )
+    return ChatRequest(parse_messages(body.get("messages")), params, stream,
+                       bool((options or {}).get("include_usage")), stops, model)
+
+
+class StopText:
+    """Cuts a streamed reply at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.text = ""  # everything emitted so far
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """The part of `piece` that is certainly reply text (empty once stopped)."""
+        if self.stopped:
+            return ""
+        buffer = self._pending + piece
+        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self._pending = True, ""
+            return self._emit(buffer[:cut])
+        hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if buffer.endswith(s[:k])), default=0)
+        self._pending = buffer[len(buffer) - hold:] if hold else ""
+        return self._emit(buffer[: len(buffer) - hold])
+
+    def flush(self) -> str:
+        """What was held back, once the reply ended without a stop string."""
+        rest, self._pending = self._pending, ""
+        return "" if self.stopped else self._emit(rest)
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text
+
+
+def completion_body(request_id: str, created: int, model: str, text: str, finish: str, usage: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": usage}
+
+
+def chunk_body(request_id: str, created: int, model: str, delta: dict, finish: str | None = None,
+               usage: dict | None = None, choices: bool = True) -> dict:
+    body: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                            if choices else []}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def sse(body: Mapping | str) -> str:
+    return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def model_id_of(handle: ModelHandle) -> str:
+    """The id clients send as 'model': the hub id, or a local checkpoint's folder name."""
+    return handle.source if not Path(handle.source).exists() else Path(handle.source).name
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+@dataclass
+class Api:
+    """The /v1 endpoints for one model handle and its settings."""
+
+    handle: ModelHandle
+    settings: Settings
+    images: ImageUrls  # image URLs → files the intake reads
+    _inflight: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.model_id = model_id_of(self.handle)
+        self.created = int(time.time())
+        limits = self.settings.limits
+        # A body carrying every image the conversation may hold, base64 (4/3), plus text.
+        self.max_body_bytes = limits.images_per_conversation * limits.upload_bytes * 4 // 3 + 2**20
+
+    # -- checks
+
+    def authorize(self, request: Request) -> None:
+        keys = self.settings.api_keys
+        if not keys:
+            if self.settings.exposed:
+                raise ApiError(401, "The OpenAI-compatible API is closed: this app is reachable by others (a share "
+                               "link, --auth or a non-loopback --host) and no API key is set. Start it with --api-key "
+                               "KEY (or DSVL_API_KEY) and send 'Authorization: Bearer KEY'.", code="api_closed")
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="missing_api_key")
+        if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise self._too_large(int(declared))
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise self._too_large(len(body))
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise _invalid(f"The request body is not valid JSON ({exc})") from None
+
+    def _too_large(self, size: int) -> ApiError:
+        return ApiError(413, f"The request is {size / 2**20:.1f} MB, over this server's "
+                        f"{self.max_body_bytes / 2**20:.0f} MB limit for one request.", code="request_too_large")
+
+    def _enter(self) -> None:
+        """A place in the line for the model, or 429 when --queue-size requests already wait."""
+        limit = self.settings.queue_size + self.settings.limits.concurrent_generations
+        with self._lock:
+            if self._inflight >= limit:
+                raise ApiError(429, f"The server is busy: {self._inflight} requests are already in line for the model "
+                               f"(at most {limit}); retry shortly.", "rate_limit_error", code="queue_full")
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    async def turns(self, chat: ChatRequest, request: Request) -> tuple[list[conv.Turn], dict[str, str]]:
+        """Turns for the engine, and each image file's label for error messages."""
+        turns, labels = [], {}
+        for role, parts in chat.messages:
+            resolved: list[conv.Part] = []
+            for part in parts:
+                if isinstance(part, ImageUrl):
+                    try:
+                        path = await self.images.resolve(part.url, part.label, request.url.netloc)
+                    except ImageUrlError as exc:
+                        raise _invalid(str(exc), "messages", "invalid_image") from None
+                    labels[Path(path).name] = part.label
+                    resolved.append(conv.ImageRef(path))
+                else:
+                    resolved.append(part)
+            turns.append(conv.Turn(role, tuple(resolved)))
+        return turns, labels
+
+    # -- the engine call the UI makes
+
+    def start(self, turns: list[conv.Turn], labels: dict[str, str], params: GenerationParams):
+        handle, limits = self.handle, self.settings.limits
+        try:
+            prompt = conv.prompt_for_turns(handle.processor, turns, limits, handle.context_tokens,
+                                           params.max_new_tokens, load=load_image)
+        except ImageRejected as exc:
+            label = labels.get(exc.filename)
+            message = f"{label} {exc.reason}" if label else str(exc)
+            raise _invalid(message, "messages", "invalid_image") from None
+        except conv.ContextOverflow as exc:
+            raise _invalid(str(exc), "messages", "context_length_exceeded") from None
+        except conv.ConversationError as exc:
+            raise _invalid(str(exc), "messages") from None
+        inputs = conv.encode(handle.processor, prompt.messages)
+        return generate_stream(handle, inputs, params, limits.token_timeout_s)
+
+    @staticmethod
+    def failure(exc: BaseException) -> ApiError:
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, OutOfMemory):
+            return ApiError(503, str(exc), "server_error", code="out_of_memory")
+        if isinstance(exc, GenerationTimeout):
+            return ApiError(503, str(exc), "server_error", code="timeout")
+        if isinstance(exc, GenerationError):
+            return ApiError(500, str(exc), "server_error")
+        log.exception("unexpected /v1 failure", exc_info=exc)
+        return ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    async def complete(self, request: Request) -> Any:
+        self.authorize(request)
+        chat = parse_request(await self.read_body(request), self.model_id, self.settings.limits.max_new_tokens)
+        self._enter()
+        try:
+            turns, labels = await self.turns(chat, request)
+            generation = await asyncio.to_thread(self.start, turns, labels, chat.params)
+        except BaseException:
+            self._leave()
+            raise
+        reply = _Reply(self, generation, request, StopText(chat.stop))
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if chat.stream:
+            return StreamingResponse(self._events(reply, chat, request_id, created),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            async for _ in reply.pieces():
+                pass
+        except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape
+            return self.failure(exc).response()
+        return JSONResponse(completion_body(request_id, created, chat.model, reply.stop.text, reply.finish_reason(),
+                                            reply.usage()))
+
+    async def _events(self, reply: _Reply, chat: ChatRequest, request_id: str, created: int) -> AsyncIterator[str]:
+        yield sse(chunk_body(request_id, created, chat.model, {"role": "assistant", "content": ""}))
+        try:
+            async for text in reply.pieces():
+                yield sse(chunk_body(request_id, created, chat.model, {"content": text}))
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: report it as an error event
+            yield sse(self.failure(exc).body())
+            yield sse("[DONE]")
+            return
+        yield sse(chunk_body(request_id, created, chat.model, {}, reply.finish_reason()))
+        if chat.include_usage:
+            yield sse(chunk_body(request_id, created, chat.model, {}, usage=reply.usage(), choices=False))
+        yield sse("[DONE]")
+
+    def models(self, request: Request) -> dict:
+        self.authorize(request)
+        handle = self.handle
+        return {"object": "list", "data": [{
+            "id": self.model_id, "object": "model", "created": self.created, "owned_by": "dsvl-chat",
+            "name": handle.label, "tiny": handle.is_tiny, "offline_fallback": handle.offline_fallback,
+        }]}
+
+
+class _Reply:
+    """One /v1 reply's life: text as generated, cut at stop strings; the model stopped and the request's place
+    in line given back exactly once — when it ends, fails, or the client goes away (a watcher notices even
+    while nothing is being written, e.g. during a long prefill)."""
+
+    def __init__(self, api: Api, generation, request: Request, stop: StopText):
+        self.api, self.generation, self.request, self.stop = api, generation, request, stop
+        self._done = False
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while not self._done:
+            if await self.request.is_disconnected():
+                log.info("/v1 client went away: stopping its generation")
+                self.close()
+                return
+            await asyncio.sleep(0.2)
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self.generation.stop()
+            self.api._leave()
+
+    async def pieces(self) -> AsyncIterator[str]:
+        stream = iter(self.generation)
+        try:
+            while not self.stop.stopped:
+                piece = await asyncio.to_thread(next, stream, None)
+                if piece is None:
+                    break
+                if text := self.stop.feed(piece):
+                    yield text
+            if text := self.stop.flush():
+                yield text
+        finally:
+            self.close()
+            self._watcher.cancel()
+            await asyncio.to_thread(_drain, stream)
+
+    def usage(self) -> dict:
+        stats = self.generation.stats
+        return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+                "total_tokens": stats.prompt_tokens + stats.new_tokens}
+
+    def finish_reason(self) -> str:
+        return "length" if self.generation.stats.stop_reason == "length" and not self.stop.stopped else "stop"
+
+
+def _drain(stream) -> None:
+    """Finish a stopped generation's iterator (its worker ends at the next token)."""
+    with contextlib.suppress(Exception):
+        for _ in stream:
+            pass
+
+
+def router(api: Api) -> APIRouter:
+    """The /v1 routes; every failure is answered in OpenAI's error shape."""
+    routes = APIRouter()
+
+    async def guarded(call: Callable, request: Request):
+        try:
+            result = await call(request)
+        except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape
+            return api.failure(exc).response()
+        return result
+
+    @routes.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await guarded(api.complete, request)
+
+    @routes.get("/v1/models")
+    async def models(request: Request):
+        async def call(req: Request):
+            return JSONResponse(api.models(req))
+
+        return await guarded(call, request)
+
+    @routes.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def unknown(rest: str):
+        return ApiError(404, f"Unknown endpoint /v1/{rest}: this server has /v1/chat/completions and /v1/models",
+                        code="unknown_url").response()
+
+    return routes

@@ -1,0 +1,145 @@
+"""The /v1 adapter's pure parts: request validation, stop strings, and remote image fetching rules."""
+
+import asyncio
+import http.server
+
+import pytest
+
+from dsvl_app.fetch import RemoteImageError, RemoteImages, is_public_address
+from dsvl_app.openai_api import ApiError, ImageUrl, StopText, parse_request
+from tests.conftest import loopback_http
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def parse(**fields):
+    return parse_request({**BASE, **fields}, "m", 2048)
+
+
+def test_defaults_follow_openai_and_fields_map_to_generation():
+    chat = parse()
+    assert chat.params.temperature == 1.0 and chat.params.top_p == 1.0 and chat.params.max_new_tokens == 512
+    chat = parse(temperature=0, max_completion_tokens=30, seed=4, stop="END", stream=True,
+                 stream_options={"include_usage": True}, repetition_penalty=1.1, user="ann", n=1, logprobs=False)
+    assert (chat.params.temperature, chat.params.max_new_tokens, chat.params.seed) == (0.0, 30, 4)
+    assert chat.stop == ("END",) and chat.stream and chat.include_usage and chat.params.repetition_penalty == 1.1
+    assert parse(max_tokens=7).params.max_new_tokens == 7
+
+
+def test_messages_keep_their_order_roles_and_images():
+    chat = parse(messages=[
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "data:a"}},
+                                     {"type": "image_url", "image_url": {"url": "data:b"}}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Two shapes."}]},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:c"}}, {"type": "text", "text": "And?"}]},
+    ])
+    assert [role for role, _ in chat.messages] == ["system", "user", "assistant", "user"]
+    assert chat.messages[1][1] == ["Look:", ImageUrl("data:a", "Image 1 (message 2)"), ImageUrl("data:b", "Image 2 (message 2)")]
+    assert chat.messages[3][1] == [ImageUrl("data:c", "Image 3 (message 4)"), "And?"]
+
+
+@pytest.mark.parametrize("fields, status, param, words", [
+    ({"temperature": 3}, 400, "temperature", "between 0 and 2"),
+    ({"max_tokens": 5000}, 400, "max_tokens", "between 1 and 2048"),
+    ({"max_tokens": "ten"}, 400, "max_tokens", "an integer"),
+    ({"n": 3}, 400, "n", "one choice per request"),
+    ({"presence_penalty": 1}, 400, "presence_penalty", "repetition_penalty"),
+    ({"logprobs": True}, 400, "logprobs", "not returned"),
+    ({"tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ({"response_format": {"type": "json_object"}}, 400, "response_format", "text"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed with stream"),
+    ({"frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
+    ({"model": "other"}, 404, "model", "serves 'm'"),
+    ({"messages": []}, 400, "messages", "non-empty"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "messages",
+     "last message must be the user's"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0]", "tool and function calls"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]},
+     400, "messages[1]", "system messages must come before"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:x"}}]},
+                   {"role": "user", "content": "c"}]}, 400, "messages[0].content[0]", "only user messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 400,
+     "messages[0].content[0]", "'input_audio' are not supported"),
+])
+def test_refusals_name_the_field(fields, status, param, words):
+    with pytest.raises(ApiError) as raised:
+        parse(**fields)
+    error = raised.value
+    assert error.status == status and error.param == param and words in error.message
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_stop_text_cuts_at_the_first_stop_string_across_pieces():
+    stop = StopText(["</end>", "STOP"])
+    out = [stop.feed(p) for p in ["Hello ", "wor", "ld </e", "nd> more"]]
+    assert "".join(out) == "Hello world " and stop.stopped and stop.feed("x") == ""
+    assert out[2] == "ld "  # "</e" was held back: it could have begun a stop string
+    held = StopText(["STOP"])
+    assert held.feed("a ST") == "a " and held.flush() == "ST" and held.text == "a ST" and not held.stopped
+    assert StopText([]).feed("anything") == "anything"
+
+
+# ---------------------------------------------------------------- remote images
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.1/secret")
+            self.end_headers()
+        elif self.path == "/big":
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"x" * 5000)
+        elif self.path == "/slow":
+            import time
+
+            time.sleep(2)
+            self.send_response(200)
+            self.end_headers()
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "3")
+            self.end_headers()
+            self.wfile.write(b"PNG")
+
+    def log_message(self, *args):
+        pass
+
+
+def fetch(url, **kwargs):
+    """Fetch on a thread of its own (the browser tests' Playwright keeps an event loop in this one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, RemoteImages(**{"max_bytes": 1000, **kwargs}).fetch(url)).result()
+
+
+def test_addresses_that_are_never_fetched():
+    for ip in ["127.0.0.1", "10.1.2.3", "192.168.0.9", "172.16.0.1", "169.254.169.254", "::1", "fe80::1", "0.0.0.0",
+               "::ffff:127.0.0.1", "100.64.0.1", "224.0.0.1"]:
+        assert not is_public_address(ip), ip
+    assert is_public_address("93.184.216.34") and is_public_address("2606:2800:220:1::1")
+
+
+def test_loopback_and_non_http_urls_are_refused():
+    with loopback_http(_Server) as base:
+        with pytest.raises(RemoteImageError, match="loopback, private or link-local"):
+            fetch(base + "/ok")
+    with pytest.raises(RemoteImageError, match="not an http"):
+        fetch("file:///etc/passwd")
+
+
+def test_fetch_rules_no_redirects_a_byte_cap_and_a_timeout():
+    anywhere = {"address_allowed": lambda ip: True}  # loopback stands in for a public host here
+    with loopback_http(_Server) as base:
+        assert fetch(base + "/ok", **anywhere) == b"PNG"
+        with pytest.raises(RemoteImageError, match="redirect"):
+            fetch(base + "/redirect", **anywhere)
+        with pytest.raises(RemoteImageError, match="over the .* upload limit"):
+            fetch(base + "/big", **anywhere)
+        with pytest.raises(RemoteImageError, match="did not arrive within 0.5 s"):
+            fetch(base + "/slow", timeout_s=0.5, **anywhere)
