@@ -52,6 +52,10 @@ class Settings:
     api_keys: tuple[str, ...] = ()  # bearer keys for /v1 (the OpenAI-compatible API)
     allow_remote_images: bool = False  # may /v1 fetch http(s) image URLs
     mcp: bool = False  # serve /chat as an MCP tool
+    store_dir: str | None = None  # saved conversations' images; None: under the user's cache directory
+    store_mb: float = 1024.0
+    state_secret: str | None = None  # encrypts the browser's saved conversations; None: one kept in store_dir
+    feedback_file: str | None = None  # like/dislike records (JSON lines); None: no like buttons
     on_space: bool = False
     zero_gpu: bool = False  # a ZeroGPU Space: the GPU is attached per call
 
@@ -95,6 +99,13 @@ def _non_negative_mb(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a size in MB (0 turns it off), got {text}")
+    return value
+
+
+def _positive_mb(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size in MB, got {text}")
     return value
 
 
@@ -152,6 +163,15 @@ _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
     ("--allow-remote-images", "DSVL_ALLOW_REMOTE_IMAGES", "allow_remote_images", _bool, False,
      "let /v1 fetch http(s) image URLs (public addresses only, size-capped, no redirects)"),
     ("--mcp", "DSVL_MCP", "mcp", _bool, False, "serve /chat as a Model Context Protocol tool"),
+    ("--store-dir", "DSVL_STORE_DIR", "store_dir", str, None,
+     "folder for saved conversations' images (default: ~/.cache/dsvl-chat)"),
+    ("--store-mb", "DSVL_STORE_MB", "store_mb", _positive_mb, 1024.0,
+     "largest size of that image store in MB; the least recently used images go first"),
+    ("--state-secret", "DSVL_STATE_SECRET", "state_secret", str, None,
+     "secret that encrypts conversations saved in browsers (default: one generated once in --store-dir); "
+     "set the same value on every server that must read them"),
+    ("--feedback-file", "DSVL_FEEDBACK_FILE", "feedback_file", str, None,
+     "append like/dislike feedback with the conversation to this JSON-lines file (off by default)"),
     ("--generations", "DSVL_GENERATIONS", "concurrent_generations", _positive_int, 1, "generate calls running at once on the model"),
 )
 _LIMIT_FIELDS = {f for f in Limits.__dataclass_fields__}

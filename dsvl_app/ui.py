@@ -7,7 +7,10 @@ only process-wide state is the model handle.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,13 +20,14 @@ from typing import Any
 import gradio as gr
 
 from . import conversation as conv
-from . import openai_api
+from . import openai_api, saved
 from .generation import GenerationError, GenerationParams, GenerationStats, Prefetcher, generate_stream
 from .image_urls import ImageUrlError, ImageUrls, is_image_url
 from .media import ImageRejected, check_location, load_image
 from .model import ModelHandle, get_model
 from .preview import ImageView, image_views
 from .settings import Limits, Settings
+from .store import ImageStore, default_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,28 @@ UI_FRAME_S = 0.05  # the browser gets at most ~20 updates a second; the API gets
 CSS = """
 #inspector-lowres .caption-label, #inspector-highres .caption-label { white-space: normal; }
 #meters table { font-size: 0.9em; }
-footer { display: none !important; }
+#chat-list { max-height: 420px; overflow-y: auto; }
+/* Images in the chat as compact thumbnails (a click opens them full screen, see JS), numbered "Image N". */
+#chatbot [data-testid="user"]:has(.image-container) { width: auto; max-width: 220px; }
+#chatbot [data-testid="user"] .image-container { width: auto; height: auto; }
+#chatbot [data-testid="user"] .image-container img { max-height: 96px; max-width: 200px; width: auto; object-fit: contain;
+  cursor: zoom-in; }
+#chatbot [data-testid="user"] :fullscreen img, #chatbot [data-testid="user"] img:fullscreen {
+  max-height: 100vh; max-width: 100vw; height: 100vh; cursor: auto; }
+#chat-list label { width: 100%; }
 """
+# A click on a chat thumbnail opens it full screen (gr.Image's own fullscreen button, made the whole picture).
+JS = """
+() => {
+  document.addEventListener("click", (event) => {
+    const image = event.target.closest("#chatbot .image-container img, #chatbot [data-testid='image'] img");
+    if (!image) return;
+    const frame = image.closest("[data-testid='image'], .image-container")?.parentElement;
+    frame?.querySelector("button[aria-label='Fullscreen'], button[title='Fullscreen']")?.click();
+  });
+}
+"""
+THUMBNAIL_PX = 96
 
 
 def _on_gpu(fn):
@@ -147,11 +171,30 @@ def display_user_message(message: dict, first_number: int) -> list[dict]:
     out: list[dict] = []
     for offset, path in enumerate(message.get("files") or []):
         label = f"Image {first_number + offset}"
-        image = gr.Image(value=path, label=label, show_label=True, type="filepath", height=160, buttons=["fullscreen"],
-                         interactive=False)
+        image = gr.Image(value=path, label=label, show_label=True, type="filepath", height=THUMBNAIL_PX,
+                         buttons=["fullscreen"], interactive=False, elem_classes=["chat-thumbnail"])
         out.append({"role": "user", "content": image})
     if (message.get("text") or "").strip():
         out.append({"role": "user", "content": message["text"]})
+    return out
+
+
+def display_saved(shown: list[saved.Shown]) -> list[dict]:
+    """Chatbot messages for a saved conversation: images numbered in order; a lost image as a note the
+    model does not see (its title marks it as decoration)."""
+    out: list[dict] = []
+    number = 1
+    for item in shown:
+        if item.image_path:
+            out += display_user_message({"files": [item.image_path]}, number)
+            number += 1
+        elif item.missing:
+            note = (f"*{item.name} is no longer stored on this server (the image store is full or was cleared); "
+                    "the conversation goes on without it.*")
+            out.append({"role": "user", "content": note, "metadata": {"title": f"🖼️ Image {number} unavailable"}})
+            number += 1
+        else:
+            out.append({"role": item.role, "content": item.text or ""})
     return out
 
 
@@ -173,9 +216,11 @@ class ChatApp:
         self.settings = settings
         self.limits: Limits = settings.limits
         self.handle = handle or get_model(settings)
-        # Only gradio's upload cache and our examples may be read (API clients could name any path).
-        self.allowed_roots = allowed_roots()
+        self.store = image_store(settings)
+        # Only gradio's upload cache, our examples and the image store may be read (API clients could name any path).
+        self.allowed_roots = allowed_roots(self.store)
         self.image_urls = image_urls(settings)
+        self.export_dir = Path(tempfile.mkdtemp(prefix="dsvl-exports-"))
         self.prefetcher = Prefetcher(self.handle, lambda path: self._load(path, self.limits))
 
     # -- the one code path for UI and API
@@ -306,8 +351,8 @@ class ChatApp:
                 yield history_before, gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(value=message), gr.skip()
 
     @staticmethod
-    def unlock_input() -> dict:
-        return gr.MultimodalTextbox(interactive=True)
+    def unlock_input() -> tuple:
+        return gr.MultimodalTextbox(interactive=True), gr.Button(visible=False)
 
     @staticmethod
     def retry(history: list) -> tuple:
@@ -348,6 +393,124 @@ class ChatApp:
     def cleared() -> tuple:
         return [], [], [], meters_markdown(None, None), gr.MultimodalTextbox(value=None, interactive=True), None
 
+    # -- saved conversations (the browser keeps text and image hashes; the store keeps the images)
+
+    def _generation(self, controls: tuple) -> dict:
+        keys = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+        return dict(zip(keys, controls, strict=True))
+
+    def _keep(self, chatbot: list, record: Any, generation: dict) -> dict:
+        """The record with the open conversation saved as the chat shows it (created on its first message)."""
+        record = saved.valid_record(record)
+        messages = saved.messages_from_history(chatbot or [], self.store)
+        record, current = saved.upsert(record, record["current"], messages)
+        entry = saved.find(record, current)
+        if entry is not None:
+            entry["generation"] = generation
+        return record
+
+    def _list(self, record: dict) -> dict:
+        choices = [(saved.list_label(c), c["id"]) for c in record["conversations"]]
+        return gr.Radio(choices=choices, value=record["current"])
+
+    def _export(self, record: dict) -> dict:
+        """The Export button's file: the open conversation, written now so that one click downloads it."""
+        entry = saved.find(record, record["current"])
+        if entry is None:
+            return gr.DownloadButton(value=None, interactive=False)
+        document = saved.export_document(entry, self.store, openai_api.model_id_of(self.handle),
+                                         entry.get("generation", {}))
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", entry["title"]).strip("-")[:40] or "conversation"
+        folder = self.export_dir / entry["id"]
+        folder.mkdir(exist_ok=True)
+        path = folder / f"dsvl-chat-{slug}.json"
+        path.write_text(json.dumps(document, ensure_ascii=False, indent=1))
+        return gr.DownloadButton(value=str(path), interactive=True)
+
+    def _open(self, record: dict) -> tuple:
+        """What the chat shows for the record's open conversation: (chatbot, record, list, export)."""
+        entry = saved.find(record, record["current"])
+        chat = display_saved(saved.to_display(entry["messages"], self.store)) if entry else []
+        return chat, record, self._list(record), self._export(record)
+
+    def restore(self, record: Any) -> tuple:
+        """On page load: the conversation that was open, from the browser's record."""
+        return self._open(saved.valid_record(record))
+
+    def save(self, chatbot: list, record: Any, *controls: Any) -> tuple:
+        """After every change: the open conversation into the record; (record, list, export)."""
+        record = self._keep(chatbot, record, self._generation(controls))
+        return record, self._list(record), self._export(record)
+
+    def switch(self, chosen: str | None, chatbot: list, record: Any, *controls: Any) -> tuple:
+        """Open another conversation (the one open is saved first)."""
+        record = self._keep(chatbot, record, self._generation(controls))
+        if saved.find(record, chosen) is None:
+            return (gr.skip(),) * 4 + self._reset_panel()
+        return self._open({**record, "current": chosen}) + self._reset_panel()
+
+    def new_chat(self, chatbot: list, record: Any, *controls: Any) -> tuple:
+        record = self._keep(chatbot, record, self._generation(controls))
+        return self._open({**record, "current": None}) + self._reset_panel()
+
+    def delete_chat(self, record: Any) -> tuple:
+        """Delete the open conversation; the most recent other one opens."""
+        record = saved.valid_record(record)
+        return self._open(saved.remove(record, record["current"])) + self._reset_panel()
+
+    def delete_all(self, record: Any, confirmed: str) -> tuple:
+        if confirmed != "yes":
+            return (gr.skip(),) * 7
+        return self._open(saved.empty_record()) + self._reset_panel()
+
+    def import_chat(self, upload: Any, chatbot: list, record: Any, *controls: Any) -> tuple:
+        """A conversation file → a new conversation, opened; a refusal leaves the open one as it was."""
+        path = upload if isinstance(upload, str) else getattr(upload, "name", None) or getattr(upload, "path", None)
+        limits = self.limits
+        try:
+            data = Path(path).read_bytes()
+            messages, generation, title = saved.parse_export(
+                data, max_bytes=limits.images_per_conversation * limits.upload_bytes * 4 // 3 + 2**20,
+                max_images=limits.images_per_conversation, store=self.store, check_image=self._check_imported)
+        except (saved.ImportRefused, OSError) as exc:
+            gr.Warning(f"Not imported: {exc}")
+            return (gr.skip(),) * (7 + len(controls))
+        record = self._keep(chatbot, record, self._generation(controls))
+        record, current = saved.upsert({**record, "current": None}, None, messages)
+        saved.find(record, current)["generation"] = generation
+        gr.Info(f"Imported “{title}” as a new conversation.")
+        return self._open(record) + self._reset_panel() + self._controls(generation, controls)
+
+    def _check_imported(self, path: str, name: str) -> None:
+        try:
+            load_image(path, self.limits)
+        except ImageRejected as exc:
+            raise ValueError(f"“{name}” {exc.reason}") from None
+
+    def _controls(self, generation: dict, current: tuple) -> tuple:
+        """The sliders set from an imported file's settings, within this server's limits."""
+        bounds = ((1, self.limits.max_new_tokens), (0.0, 2.0), (0.05, 1.0), (0.5, 2.0), (0, 2**63 - 1))
+        keys = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+        values = []
+        for key, (low, high), now in zip(keys, bounds, current, strict=True):
+            value = generation.get(key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+            values.append(value if ok else now)
+        return tuple(values)
+
+    @staticmethod
+    def _reset_panel() -> tuple:
+        return [], [], meters_markdown(None, None)
+
+    def feedback(self, chatbot: list, like: gr.LikeData) -> None:
+        """Like/dislike: one JSON line with the reply and the whole conversation (images by hash)."""
+        index = like.index[0] if isinstance(like.index, (list, tuple)) else like.index
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "liked": like.liked,
+                "message_index": index, "reply": like.value, "model": openai_api.model_id_of(self.handle),
+                "conversation": saved.messages_from_history(chatbot or [], self.store)}
+        with open(self.settings.feedback_file, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
     # -- layout
 
     def _render_chat_column(self) -> None:
@@ -381,7 +544,7 @@ class ChatApp:
             max_plain_text_length=20_000,
         )
         with gr.Row():
-            self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm")
+            self.stop_btn = gr.Button("⏹ Stop", elem_id="stop", variant="stop", size="sm", visible=False)
             self.clear_btn = gr.Button("🗑 Clear", elem_id="clear", size="sm")
         # Questions the bundled tiny checkpoint was trained on (its colour, shape and first/second answers
         # are right; its counts about nine times in ten (three_shapes.png: "three") — as its banner says);
@@ -394,6 +557,18 @@ class ChatApp:
              "files": [str(EXAMPLES_DIR / "blue_square.png"), str(EXAMPLES_DIR / "yellow_circle.png")]},
         ]
         gr.Examples(examples=examples, inputs=[self.chat_input], label="Examples", examples_per_page=6)
+
+    def _render_conversations(self) -> None:
+        self.new_btn = gr.Button("+ New chat", elem_id="new-chat", variant="primary", size="sm")
+        self.chat_list = gr.Radio(choices=[], label="Saved conversations", elem_id="chat-list",
+                                  info="Kept in this browser (the images on the server).")
+        with gr.Row():
+            self.export_btn = gr.DownloadButton("⬇ Export", elem_id="export-chat", size="sm", interactive=False)
+            self.import_btn = gr.UploadButton("⬆ Import", elem_id="import-chat", size="sm", file_types=[".json"],
+                                              file_count="single")
+        with gr.Row():
+            self.delete_btn = gr.Button("Delete", elem_id="delete-chat", size="sm")
+            self.delete_all_btn = gr.Button("Delete all", elem_id="delete-all-chats", size="sm", variant="stop")
 
     def _render_side_panel(self) -> None:
         self.banner = gr.Markdown(banner_markdown(self.handle), elem_id="model-banner")
@@ -424,7 +599,7 @@ class ChatApp:
             self.api_reply = gr.Textbox(label="reply")
             self.api_button = gr.Button("chat")
 
-    def _setup_events(self) -> None:
+    def _setup_events(self, demo: gr.Blocks) -> None:
         controls = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty, self.seed]
         private: dict[str, Any] = {"api_visibility": "private"}
         respond = {
@@ -436,40 +611,70 @@ class ChatApp:
             "show_progress": "minimal",
             **private,
         }
-        unlock = {"fn": self.unlock_input, "outputs": [self.chat_input], "queue": False, **private}
+        unlock = {"fn": self.unlock_input, "outputs": [self.chat_input, self.stop_btn], "queue": False, **private}
+        # Stop is shown only while a reply runs.
+        show_stop = {"fn": lambda: gr.Button(visible=True), "outputs": [self.stop_btn], "queue": False, **private}
+        # Every change is saved in the browser as it happens (and the Export file rewritten).
+        save = {"fn": self.save, "inputs": [self.chatbot, self.saved, *controls],
+                "outputs": [self.saved, self.chat_list, self.export_btn], "queue": False, **private}
 
         submit = self.chat_input.submit(
             self.add_user_message, [self.chat_input, self.chatbot],
             [self.chatbot, self.chat_input, self.pending, self.history_before], queue=False, **private,
-        ).then(**respond)
-        submit.then(**unlock)
+        ).then(**show_stop).then(**respond)
+        submit.then(**save).then(**unlock)
 
         retry = self.chatbot.retry(
             self.retry, [self.chatbot], [self.chatbot, self.pending, self.history_before], queue=False, **private
-        ).then(**respond)
-        retry.then(**unlock)
+        ).then(**show_stop).then(**respond)
+        retry.then(**save).then(**unlock)
 
         edit = self.chatbot.edit(
             self.edit, [self.chatbot], [self.chatbot, self.pending, self.history_before], queue=False, **private
-        ).then(**respond)
-        edit.then(**unlock)
+        ).then(**show_stop).then(**respond)
+        edit.then(**save).then(**unlock)
+        replies = [submit, retry, edit]
 
         # Encode on attach: the handler only queues the images (a background thread does the work when the
         # model is idle), so it answers at once; it also runs on typing, where it finds nothing new.
         self.chat_input.change(self.prefetch, [self.chat_input], None, queue=False, show_progress="hidden",
                                trigger_mode="always_last", **private)
 
-        self.chatbot.undo(self.undo, [self.chatbot], [self.chatbot, self.chat_input], queue=False, **private)
+        self.chatbot.undo(self.undo, [self.chatbot], [self.chatbot, self.chat_input], queue=False,
+                          **private).then(**save)
 
         # Cancelling closes the reply generator; its cleanup sets the stop event the generate thread watches.
-        self.stop_btn.click(None, None, None, cancels=[submit, retry, edit], **private).then(
+        self.stop_btn.click(None, None, None, cancels=replies, **private).then(
             self.stopped, [self.last_meters], [self.meters], queue=False, **private
-        ).then(**unlock)
+        ).then(**save).then(**unlock)
 
         clear_outputs = [self.chatbot, self.inspector_low, self.inspector_high, self.meters, self.chat_input,
                          self.last_meters]
-        self.clear_btn.click(self.cleared, None, clear_outputs, cancels=[submit, retry, edit], queue=False, **private)
-        self.chatbot.clear(self.cleared, None, clear_outputs, cancels=[submit, retry, edit], queue=False, **private)
+        self.clear_btn.click(self.cleared, None, clear_outputs, cancels=replies, queue=False,
+                             **private).then(**save).then(**unlock)
+        self.chatbot.clear(self.cleared, None, clear_outputs, cancels=replies, queue=False,
+                           **private).then(**save).then(**unlock)
+
+        # Saved conversations: switching, a new chat, deleting and importing first stop a running reply.
+        opened = [self.chatbot, self.saved, self.chat_list, self.export_btn, self.inspector_low, self.inspector_high,
+                  self.meters]
+        conversation = {"outputs": opened, "cancels": replies, "queue": False, **private}
+        self.chat_list.input(self.switch, [self.chat_list, self.chatbot, self.saved, *controls],
+                             **conversation).then(**unlock)
+        self.new_btn.click(self.new_chat, [self.chatbot, self.saved, *controls], **conversation).then(**unlock)
+        self.delete_btn.click(self.delete_chat, [self.saved], **conversation).then(**unlock)
+        self.delete_all_btn.click(
+            self.delete_all, [self.saved, self.confirm], **conversation,
+            js="(record) => [record, confirm('Delete all saved conversations in this browser?') ? 'yes' : 'no']",
+        ).then(**unlock)
+        # Queued (its own line, not the model's): only queued events can show the refusal's toast.
+        self.import_btn.upload(self.import_chat, [self.import_btn, self.chatbot, self.saved, *controls],
+                               **{**conversation, "outputs": opened + controls, "queue": True}).then(**unlock)
+        if self.settings.feedback_file:  # like/dislike buttons appear only with a listener
+            self.chatbot.like(self.feedback, [self.chatbot], None, queue=False, **private)
+
+        # A reload (or a restart) brings back the conversation that was open, with its images.
+        demo.load(self.restore, [self.saved], [self.chatbot, self.saved, self.chat_list, self.export_btn], **private)
 
         self.api_button.click(
             self.chat,
@@ -485,14 +690,20 @@ class ChatApp:
             self.pending = gr.State(None)  # the message being answered
             self.history_before = gr.State([])  # the chat before it (for rollback on refusal)
             self.last_meters = gr.State(None)
+            # Saved conversations: a fixed key and secret, so that they survive a reload and a server restart.
+            self.saved = gr.BrowserState(saved.empty_record(), storage_key="dsvl-chat-conversations",
+                                         secret=self.settings.state_secret or self.store.secret())
+            self.confirm = gr.Textbox(visible=False)  # "yes" when the browser's confirm() dialog was accepted
             gr.Markdown("## dsvl-chat — chat with DeepSeek-VL about images")
             with gr.Row(equal_height=False):
+                with gr.Column(scale=1, min_width=220):
+                    self._render_conversations()
                 with gr.Column(scale=3):
                     self._render_chat_column()
                 with gr.Column(scale=2, min_width=320):
                     self._render_side_panel()
             self._render_api()
-            self._setup_events()
+            self._setup_events(demo)
         return demo
 
 
@@ -503,9 +714,16 @@ def build_demo(settings: Settings, handle: ModelHandle | None = None) -> gr.Bloc
     return demo
 
 
-def allowed_roots() -> list[str]:
-    """The only server folders a request may name: gradio's upload cache and our examples."""
-    return [gr.utils.get_upload_folder(), str(EXAMPLES_DIR)]
+def image_store(settings: Settings) -> ImageStore:
+    """Saved conversations' images (--store-dir, --store-mb)."""
+    store = ImageStore(Path(settings.store_dir) if settings.store_dir else default_dir(), int(settings.store_mb * 2**20))
+    store.images.mkdir(parents=True, exist_ok=True)
+    return store
+
+
+def allowed_roots(store: ImageStore | None = None) -> list[str]:
+    """The only server folders a request may name: gradio's upload cache, our examples, the image store."""
+    return [gr.utils.get_upload_folder(), str(EXAMPLES_DIR), *([str(store.images)] if store else [])]
 
 
 def image_urls(settings: Settings) -> ImageUrls:
@@ -526,7 +744,9 @@ def launch_kwargs(settings: Settings, handle: ModelHandle | None = None) -> dict
         "share": settings.share,
         "auth": settings.auth,
         "max_file_size": settings.limits.upload_bytes,
-        "allowed_paths": [str(EXAMPLES_DIR)],
+        # The store's files are named by the hash of their content: served only to who knows it.
+        "allowed_paths": [str(EXAMPLES_DIR), str(image_store(settings).images)],
+        "js": JS,
         "css": CSS,
         "theme": gr.themes.Soft(),
         "footer_links": ["api", "gradio"],

@@ -14,6 +14,14 @@ from dsvl_app.settings import Settings, parse_settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config):
+    """Keep the app's image store (saved conversations) out of the user's real cache directory."""
+    import os
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="dsvl-test-cache-")
+
+
 def load_script(name: str):
     """Import scripts/<name>.py (the checkpoint builder, trainer and shape drawer are scripts, not a package)."""
     import importlib

@@ -79,7 +79,8 @@ class ChatPage:
         field.blur()
 
     def bot_texts(self) -> list[str]:
-        return [m.inner_text() for m in self.page.locator('#chatbot [data-testid="bot"]').all()]
+        """The replies shown, read at once (the chat re-renders while it streams or switches)."""
+        return self.page.eval_on_selector_all('#chatbot [data-testid="bot"]', "ms => ms.map(m => m.innerText)")
 
     def user_count(self) -> int:
         return self.page.locator('#chatbot [data-testid="user"]').count()
