@@ -22,10 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import conversation as conv
@@ -171,6 +173,25 @@ def export_document(conversation: dict, store: ImageStore, model: str, generatio
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if now is None else now))
     return {"format": FORMAT, "version": VERSION, "exported_at": stamp, "title": conversation.get("title", ""),
             "model": model, "generation": generation, "messages": turns}
+
+
+def write_export(conversation: dict, store: ImageStore, model: str, folder: Path) -> Path:
+    """The export file of a conversation, written under `folder/<its id>/` (one per conversation)."""
+    document = export_document(conversation, store, model, conversation.get("generation", {}))
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", conversation.get("title", "")).strip("-")[:40] or "conversation"
+    target = Path(folder) / conversation["id"]
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"dsvl-chat-{slug}.json"
+    path.write_text(json.dumps(document, ensure_ascii=False, indent=1), encoding="utf-8")
+    return path
+
+
+def record_feedback(path: Path, liked: Any, index: Any, reply: Any, model: str, messages: list[dict]) -> None:
+    """Append one like/dislike as a JSON line: when, which reply, and the conversation it belongs to."""
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "liked": liked, "message_index": index,
+            "reply": reply, "model": model, "conversation": messages}
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def parse_export(data: bytes, max_bytes: int, max_images: int, store: ImageStore,

@@ -7,9 +7,7 @@ only process-wide state is the model handle.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -418,13 +416,7 @@ class ChatApp:
         entry = saved.find(record, record["current"])
         if entry is None:
             return gr.DownloadButton(value=None, interactive=False)
-        document = saved.export_document(entry, self.store, openai_api.model_id_of(self.handle),
-                                         entry.get("generation", {}))
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", entry["title"]).strip("-")[:40] or "conversation"
-        folder = self.export_dir / entry["id"]
-        folder.mkdir(exist_ok=True)
-        path = folder / f"dsvl-chat-{slug}.json"
-        path.write_text(json.dumps(document, ensure_ascii=False, indent=1))
+        path = saved.write_export(entry, self.store, openai_api.model_id_of(self.handle), self.export_dir)
         return gr.DownloadButton(value=str(path), interactive=True)
 
     def _open(self, record: dict) -> tuple:
@@ -445,8 +437,8 @@ class ChatApp:
     def switch(self, chosen: str | None, chatbot: list, record: Any, *controls: Any) -> tuple:
         """Open another conversation (the one open is saved first)."""
         record = self._keep(chatbot, record, self._generation(controls))
-        if saved.find(record, chosen) is None:
-            return (gr.skip(),) * 4 + self._reset_panel()
+        if saved.find(record, chosen) is None:  # deleted in another tab meanwhile: show the list as it is
+            return gr.skip(), record, self._list(record), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return self._open({**record, "current": chosen}) + self._reset_panel()
 
     def new_chat(self, chatbot: list, record: Any, *controls: Any) -> tuple:
@@ -505,11 +497,8 @@ class ChatApp:
     def feedback(self, chatbot: list, like: gr.LikeData) -> None:
         """Like/dislike: one JSON line with the reply and the whole conversation (images by hash)."""
         index = like.index[0] if isinstance(like.index, (list, tuple)) else like.index
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "liked": like.liked,
-                "message_index": index, "reply": like.value, "model": openai_api.model_id_of(self.handle),
-                "conversation": saved.messages_from_history(chatbot or [], self.store)}
-        with open(self.settings.feedback_file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+        saved.record_feedback(Path(self.settings.feedback_file), like.liked, index, like.value,
+                              openai_api.model_id_of(self.handle), saved.messages_from_history(chatbot or [], self.store))
 
     # -- layout
 
