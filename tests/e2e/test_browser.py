@@ -212,3 +212,21 @@ def test_the_browser_and_a_v1_client_at_once(chat, app_server):
     assert chat.wait_reply_done().strip() == "The shape is red."
     thread.join(60)
     assert answers["v1"].strip() == "The shape is blue."
+
+
+def test_thumbnails_stop_only_while_replying_and_the_api_footer(random_chat):
+    chat = random_chat
+    page = chat.page
+    assert page.get_by_text("Use via API").is_visible()  # the footer with the API page
+    assert not page.locator("#stop").is_visible()  # nothing runs: no Stop
+    long_sampling(chat, tokens=600)
+    chat.send("Describe it.", str(EXAMPLES / "green_triangle.png"))
+    page.wait_for_selector("#stop", state="visible", timeout=10_000)
+    page.locator("#stop").click()
+    page.wait_for_selector("#stop", state="hidden", timeout=10_000)
+    thumbnail = page.locator('#chatbot [data-testid="user"]:has-text("Image 1") img').first
+    box = thumbnail.bounding_box()
+    assert box["height"] <= 100 and box["width"] <= 210  # compact, whatever the image's size
+    thumbnail.click()  # enlarges it
+    page.wait_for_function("() => document.fullscreenElement && document.fullscreenElement.querySelector('img')")
+    assert page.evaluate("() => document.fullscreenElement.querySelector('img').getBoundingClientRect().height") > 300
