@@ -78,11 +78,6 @@ class GenerationSlots:
             self._cond.notify_all()
 
     @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._line)
-
-    @property
     def idle(self) -> bool:
         with self._cond:
             return self._free == self.total and not self._line

@@ -31,7 +31,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -352,7 +352,6 @@ class Plan:
     reused_tokens: int
     images: int
     images_encoded: int
-    feature_keys: list[str] = field(default_factory=list)
 
     @property
     def images_reused(self) -> int:
@@ -388,7 +387,7 @@ def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequenc
     if suffix:
         stacked = torch.stack([features[i] for i in suffix])
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=stacked)}
-    return Plan(kwargs, cache, ids, spans, taken.length, len(spans), len(missing), [keys[i] for i in suffix])
+    return Plan(kwargs, cache, ids, spans, taken.length, len(spans), len(missing))
 
 
 def keep(store: ReuseCache, plan_: Plan, sequences: torch.Tensor) -> None:
