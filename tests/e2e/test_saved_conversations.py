@@ -61,7 +61,8 @@ def test_a_reload_brings_the_conversation_back_and_it_goes_on(store_app):
     wait_for(lambda: labels(chat), what="the conversation in the side list")
     reload(chat)
     wait_for(lambda: chat.bot_texts() == ["The shape is red."], what="the restored reply")
-    assert shows_image(chat, 1) and labels(chat)[0].startswith("What colour is the shape?")
+    wait_for(lambda: shows_image(chat, 1), what="the restored image")  # its <img> renders after the text
+    assert labels(chat)[0].startswith("What colour is the shape?")
     chat.send("What shape is it?")  # about the restored image
     assert chat.wait_reply_done().strip() == "It is a circle."
 
@@ -130,7 +131,8 @@ def test_export_then_import_in_a_fresh_profile(store_app, tmp_path):
         fresh.page.locator("#import-chat").click()
     chooser.value.set_files(str(exported))
     wait_for(lambda: fresh.bot_texts() == ["The second image is yellow."], what="the imported conversation")
-    assert shows_image(fresh, 1) and shows_image(fresh, 2) and len(labels(fresh)) == 1
+    wait_for(lambda: shows_image(fresh, 1) and shows_image(fresh, 2), what="the imported images")
+    assert len(labels(fresh)) == 1
     fresh.send("What colour is the first image?")
     assert fresh.wait_reply_done().strip() == "The first image is blue."
 
@@ -216,7 +218,7 @@ def test_a_server_restart_keeps_the_conversation_and_its_images(browser, tmp_pat
             page.goto(url)
             page.wait_for_selector("#chat-input textarea")
             wait_for(lambda: chat.bot_texts() == ["The first image is green."], what="the restored conversation")
-            assert shows_image(chat, 1) and shows_image(chat, 2)
+            wait_for(lambda: shows_image(chat, 1) and shows_image(chat, 2), what="the restored images")
             chat.send("What colour is the second image?")  # the images are read back from the store
             assert chat.wait_reply_done().strip() == "The second image is blue."
     finally:
