@@ -60,6 +60,8 @@ JS = """
 }
 """
 THUMBNAIL_PX = 96
+# The generation sliders, in the order of their components (saved with a conversation, set on import).
+CONTROL_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
 
 
 def _on_gpu(fn):
@@ -393,9 +395,9 @@ class ChatApp:
 
     # -- saved conversations (the browser keeps text and image hashes; the store keeps the images)
 
-    def _generation(self, controls: tuple) -> dict:
-        keys = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
-        return dict(zip(keys, controls, strict=True))
+    @staticmethod
+    def _generation(controls: tuple) -> dict:
+        return dict(zip(CONTROL_KEYS, controls, strict=True))
 
     def _keep(self, chatbot: list, record: Any, generation: dict) -> dict:
         """The record with the open conversation saved as the chat shows it (created on its first message)."""
@@ -482,9 +484,8 @@ class ChatApp:
     def _controls(self, generation: dict, current: tuple) -> tuple:
         """The sliders set from an imported file's settings, within this server's limits."""
         bounds = ((1, self.limits.max_new_tokens), (0.0, 2.0), (0.05, 1.0), (0.5, 2.0), (0, 2**63 - 1))
-        keys = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
         values = []
-        for key, (low, high), now in zip(keys, bounds, current, strict=True):
+        for key, (low, high), now in zip(CONTROL_KEYS, bounds, current, strict=True):
             value = generation.get(key)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
             values.append(value if ok else now)
