@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from dsvl_app.model import ModelLoadError
+from dsvl_app.engine import Engine
+from dsvl_app.model import ModelLoadError, get_model
 from dsvl_app.settings import parse_settings
 from dsvl_app.ui import build_demo, launch_kwargs, share_warning
 
@@ -16,11 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     if warning := share_warning(settings):
         logging.getLogger("dsvl_app").warning(warning)
     try:
-        demo = build_demo(settings)
+        engine = Engine(get_model(settings), settings)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    demo.launch(**launch_kwargs(settings))
+    logging.getLogger("dsvl_app").info("serving: %s", engine.describe())
+    demo = build_demo(settings, engine)
+    demo.launch(**launch_kwargs(settings, engine))
     return 0
 
 

@@ -28,6 +28,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
+from dsvl_app.engine import Engine  # noqa: E402
 from dsvl_app.model import get_model  # noqa: E402
 from dsvl_app.settings import parse_settings  # noqa: E402
 from dsvl_app.ui import build_demo, launch_kwargs  # noqa: E402
@@ -92,8 +93,9 @@ def main() -> None:
 
     settings = parse_settings(["--model", args.model or untrained_checkpoint(), "--port", "0"], environ={})
     handle = get_model(settings)
-    demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings, handle)
+    engine = Engine(handle, settings)
+    demo = build_demo(settings, engine)
+    kwargs = launch_kwargs(settings, engine)
     kwargs.update(server_port=None, prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     client = Client(demo.local_url, verbose=False)

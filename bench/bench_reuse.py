@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from transformers import TextIteratorStreamer  # noqa: E402
 
 from dsvl_app import conversation as conv  # noqa: E402
-from dsvl_app.generation import GenerationParams, Prefetcher, generate_stream  # noqa: E402
+from dsvl_app.engine import Engine, GenerationParams, Prefetcher  # noqa: E402
 from dsvl_app.media import load_image  # noqa: E402
 from dsvl_app.model import load_model  # noqa: E402
 from dsvl_app.reuse import ReuseCache  # noqa: E402
@@ -67,17 +67,23 @@ def exchange(message: dict, reply: str) -> list[dict]:
             + [{"role": "user", "content": message["text"]}, {"role": "assistant", "content": reply}])
 
 
-def engine_turn(handle, history: list, message: dict, params: GenerationParams) -> tuple[str, float, object]:
+def engine_for(handle, limits: Limits = LIMITS) -> Engine:
+    """An engine of its own for `handle` (one reply at a time here: this benchmark times single replies)."""
+    settings = replace(parse_settings(["--model", "tiny"], environ={}), limits=replace(limits, token_timeout_s=3600))
+    return Engine(handle, settings, batch=1)
+
+
+def engine_turn(handle, history: list, message: dict, params: GenerationParams,
+                limits: Limits = LIMITS) -> tuple[str, float, object]:
     """One turn through the engine path /chat takes; (reply, time to first text, stats)."""
     t0 = time.perf_counter()
-    prompt = conv.build_prompt(handle.processor, history, message, LIMITS, handle.context_tokens, params.max_new_tokens,
-                               load=load_image)
-    generation = generate_stream(handle, conv.encode(handle.processor, prompt.messages), params, 3600)
+    reply = engine_for(handle, limits).submit(conv.conversation_turns(history, message), params,
+                                      new=conv.parse_message(message), load=load_image)
     first, pieces = None, []
-    for piece in generation:
+    for piece in reply:
         first = first or time.perf_counter()
         pieces.append(piece)
-    return "".join(pieces), first - t0, generation.stats
+    return "".join(pieces), first - t0, reply.stats
 
 
 def conversation(images: dict[str, str]) -> list[tuple[str, list[int], dict]]:
@@ -103,7 +109,7 @@ def run_conversations(off_handle, on_handle, images, params) -> tuple[list[dict]
         for name, (handle, replies, rows) in sides.items():
             history = [m for i in before for m in exchange(turns[i][2], replies[i])]
             if name == "on" and n == len(turns) - 1:
-                prefetcher = Prefetcher(handle, lambda path: load_image(path, LIMITS))
+                prefetcher = Prefetcher(engine_for(handle), lambda path: load_image(path, LIMITS))
                 if prefetcher.submit(message["files"]):
                     while prefetcher.encoded < len(message["files"]):
                         time.sleep(0.05)
@@ -154,8 +160,9 @@ def print_turns(title: str, rounds: list, exact_dtype: bool) -> None:
 
 
 def launch(settings, handle):
-    demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings, handle)
+    engine = Engine(handle, settings)
+    demo = build_demo(settings, engine)
+    kwargs = launch_kwargs(settings, engine)
     kwargs.update(server_port=None, prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     return demo, Client(demo.local_url, verbose=False)
@@ -242,9 +249,9 @@ def long_context_decode(handle, folder: Path, images: int, new_tokens: int) -> t
     times = [time.perf_counter() for text in streamer if text]
     thread.join()
     dynamic = (len(times) - 1) / (times[-1] - times[0])
-    generation = generate_stream(replace(handle, reuse=ReuseCache(0)), inputs, params, 3600)
-    "".join(generation)
-    return prompt.prompt_tokens, dynamic, generation.stats.tokens_per_s
+    _, _, stats = engine_turn(replace(handle, reuse=ReuseCache(0)), [], message, params,
+                              replace(LIMITS, images_per_message=images))
+    return prompt.prompt_tokens, dynamic, stats.tokens_per_s
 
 
 def main() -> None:

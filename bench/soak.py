@@ -40,12 +40,15 @@ def main() -> None:
     demo = None
     url = args.url
     if url is None:
+        from dsvl_app.engine import Engine
+        from dsvl_app.model import get_model
         from dsvl_app.settings import parse_settings
         from dsvl_app.ui import build_demo, launch_kwargs
 
         settings = parse_settings(["--model", "tiny", "--queue-size", str(max(64, args.sessions * 2))], environ={})
-        demo = build_demo(settings)
-        kwargs = launch_kwargs(settings)
+        engine = Engine(get_model(settings), settings)
+        demo = build_demo(settings, engine)
+        kwargs = launch_kwargs(settings, engine)
         kwargs.update(server_port=None, prevent_thread_lock=True, quiet=True)
         demo.launch(**kwargs)
         url = demo.local_url

@@ -10,7 +10,6 @@ import logging
 import threading
 import urllib.error
 import urllib.request
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,51 +37,6 @@ class ModelLoadError(RuntimeError):
     """The requested model cannot be loaded; the message says why and what to do."""
 
 
-class GenerationSlots:
-    """How many generate calls may run at once on the model, handed out first come, first served.
-
-    Replies from the UI, `/chat` and `/v1` wait in this one line (`acquire`), so no caller can jump it or
-    starve another. Background work (encoding an image attached ahead of Enter) only takes a slot when
-    nothing runs and nobody waits (`acquire_if_idle`), so it never delays a reply.
-    """
-
-    def __init__(self, n: int = 1):
-        self.total = n
-        self._free = n
-        self._line: deque[object] = deque()
-        self._cond = threading.Condition()
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        ticket = object()
-        with self._cond:
-            self._line.append(ticket)
-            try:
-                if not self._cond.wait_for(lambda: self._free > 0 and self._line[0] is ticket, timeout):
-                    return False
-                self._free -= 1
-                return True
-            finally:
-                self._line.remove(ticket)
-                self._cond.notify_all()
-
-    def acquire_if_idle(self) -> bool:
-        with self._cond:
-            if self._free == self.total and not self._line:
-                self._free -= 1
-                return True
-            return False
-
-    def release(self) -> None:
-        with self._cond:
-            self._free += 1
-            self._cond.notify_all()
-
-    @property
-    def idle(self) -> bool:
-        with self._cond:
-            return self._free == self.total and not self._line
-
-
 @dataclass
 class ModelHandle:
     """A loaded processor + model and what the UI needs to know about them."""
@@ -98,10 +52,10 @@ class ModelHandle:
     offline_fallback: bool = False
     fallback_reason: str | None = None
     quantized: str | None = None
-    generation_slots: GenerationSlots = field(default_factory=GenerationSlots)
     reuse: ReuseCache = field(default_factory=lambda: ReuseCache(0))  # off unless load_model sizes it
+    kv_budget_bytes: int = 2**30  # keys/values of the replies being written + the reuse cache (one device)
     dtype_reason: str = ""  # why this dtype, for the banner
-    cache_reason: str = ""  # how the reuse cap was chosen, for the banner
+    cache_reason: str = ""  # how the memory budget was chosen, for the banner
 
     @property
     def is_tiny(self) -> bool:
@@ -119,10 +73,11 @@ class ModelHandle:
         return f"{self.label} on {self.device} ({dtype}{quant})"
 
     def describe_cache(self) -> str:
-        """One line on the reuse cache: its cap and how it was chosen."""
+        """One line on the keys/values memory: its cap, how it was chosen, and whether turns are reused."""
+        budget = f"{self.kv_budget_bytes / 2**20:,.0f} MB ({self.cache_reason})"
         if not self.reuse.enabled:
-            return f"off — {self.cache_reason}" if self.cache_reason else "off"
-        return f"up to {self.reuse.capacity_bytes / 2**20:,.0f} MB ({self.cache_reason})"
+            return f"off; replies being written may use {budget}"
+        return f"up to {budget}, shared with the replies being written (they come first)"
 
 
 # ---------------------------------------------------------------- device, dtype, model choice
@@ -296,17 +251,22 @@ def default_cache_bytes(device: torch.device) -> tuple[int, str]:
     return int(available * CACHE_SHARE_CPU), f"{CACHE_SHARE_CPU:.0%} of the RAM available after loading"
 
 
-def reuse_cache(settings: Settings, device: torch.device) -> tuple[ReuseCache, str]:
-    """The reuse cache the settings ask for (--cache-mb; off by default on ZeroGPU), and how it was sized."""
-    if settings.cache_mb is not None:
-        capacity = int(settings.cache_mb * 2**20)
-        reason = "turned off (--cache-mb 0)" if capacity == 0 else "as asked (--cache-mb)"
-    elif settings.zero_gpu:
+def memory_budget(settings: Settings, device: torch.device) -> tuple[int, str]:
+    """Bytes for keys/values — the replies being written and the turns kept for reuse — and how it was chosen."""
+    if settings.cache_mb:
+        return int(settings.cache_mb * 2**20), "as asked (--cache-mb)"
+    return default_cache_bytes(device)
+
+
+def reuse_cache(settings: Settings, budget: int) -> tuple[ReuseCache, str | None]:
+    """The reuse cache the settings ask for, within the budget (--cache-mb 0 turns it off; off by default on
+    ZeroGPU), and why it is off when it is."""
+    if settings.cache_mb == 0:
+        return ReuseCache(0, idle_s=settings.cache_idle_s), "turned off (--cache-mb 0)"
+    if settings.zero_gpu and settings.cache_mb is None:
         # ZeroGPU lends the GPU per call; device memory kept between calls is not ours to hold.
-        capacity, reason = 0, "off on ZeroGPU (set --cache-mb to turn it on)"
-    else:
-        capacity, reason = default_cache_bytes(device)
-    return ReuseCache(capacity, idle_s=settings.cache_idle_s), reason
+        return ReuseCache(0, idle_s=settings.cache_idle_s), "off on ZeroGPU (set --cache-mb to turn it on)"
+    return ReuseCache(budget, idle_s=settings.cache_idle_s), None
 
 
 def load_model(settings: Settings) -> ModelHandle:
@@ -352,12 +312,14 @@ def load_model(settings: Settings) -> ModelHandle:
         offline_fallback=source.offline_fallback,
         fallback_reason=source.fallback_reason,
         quantized=settings.quantize,
-        generation_slots=GenerationSlots(settings.limits.concurrent_generations),
         dtype_reason=dtype_reason,
     )
-    handle.reuse, handle.cache_reason = reuse_cache(settings, handle.device)
+    handle.kv_budget_bytes, handle.cache_reason = memory_budget(settings, handle.device)
+    handle.reuse, off_reason = reuse_cache(settings, handle.kv_budget_bytes)
+    if off_reason:
+        handle.cache_reason += f"; reuse across turns {off_reason}"
     log.info("loaded %s; dtype %s", handle.describe(), dtype_reason)
-    log.info("reuse across turns: %s", handle.describe_cache())
+    log.info("keys/values memory (reuse across turns): %s", handle.describe_cache())
     return handle
 
 

@@ -1,12 +1,12 @@
 """An OpenAI-compatible API on the app's own server: `POST /v1/chat/completions` and `GET /v1/models`.
 
-An HTTP adapter over the engine call the UI makes: OpenAI messages become conversation turns, every
+An HTTP adapter over the engine the UI submits to: OpenAI messages become conversation turns, every
 image goes through the same intake as an upload (`media.load_image`: the same refusals, the same
-words), the processor renders and budgets the prompt, and the reply streams from the same
-`Generation` — so reuse across turns, Stop-on-disconnect and out-of-memory handling come along.
-Requests wait for the model in the same first-come-first-served line as the UI's (`GenerationSlots`),
-and at most `--queue-size` of them wait. Keys are checked as `Authorization: Bearer …`; an exposed
-app (share link, password, non-loopback address) without a key keeps `/v1` closed.
+words), and the engine renders, budgets and answers the prompt — so batching with everyone else,
+reuse across turns, stop strings, stop-on-disconnect and out-of-memory handling come along. Requests
+wait for the model in the same first-come-first-served line as the UI's; when `--queue-size` already
+wait, the answer is 429. Keys are checked as `Authorization: Bearer …`; an exposed app (share link,
+password, non-loopback address) without a key keeps `/v1` closed.
 
 Pure parts (request parsing, stop strings, response bodies) are plain functions; the routes at the
 end are thin. No gradio imports.
@@ -15,15 +15,13 @@ end are thin. No gradio imports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import conversation as conv
-from .generation import GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, generate_stream
+from .engine import Engine, EngineBusy, GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, Reply
 from .image_urls import ImageUrlError, ImageUrls
 from .media import ImageRejected, load_image
 from .model import ModelHandle
@@ -211,38 +209,6 @@ def parse_request(body: Any, model_id: str, max_new_tokens_cap: int) -> ChatRequ
                        bool((options or {}).get("include_usage")), stops, model)
 
 
-class StopText:
-    """Cuts a streamed reply at the first stop string, holding back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.text = ""  # everything emitted so far
-        self._pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """The part of `piece` that is certainly reply text (empty once stopped)."""
-        if self.stopped:
-            return ""
-        buffer = self._pending + piece
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self._pending = True, ""
-            return self._emit(buffer[:cut])
-        hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if buffer.endswith(s[:k])), default=0)
-        self._pending = buffer[len(buffer) - hold:] if hold else ""
-        return self._emit(buffer[: len(buffer) - hold])
-
-    def flush(self) -> str:
-        """What was held back, once the reply ended without a stop string."""
-        rest, self._pending = self._pending, ""
-        return "" if self.stopped else self._emit(rest)
-
-    def _emit(self, text: str) -> str:
-        self.text += text
-        return text
-
-
 def completion_body(request_id: str, created: int, model: str, text: str, finish: str, usage: dict) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -274,15 +240,14 @@ def model_id_of(handle: ModelHandle) -> str:
 
 @dataclass
 class Api:
-    """The /v1 endpoints for one model handle and its settings."""
+    """The /v1 endpoints over one engine and its settings."""
 
-    handle: ModelHandle
+    engine: Engine
     settings: Settings
     images: ImageUrls  # image URLs → files the intake reads
-    _inflight: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
+        self.handle = self.engine.handle
         self.model_id = model_id_of(self.handle)
         self.created = int(time.time())
         limits = self.settings.limits
@@ -323,19 +288,6 @@ class Api:
         return ApiError(413, f"The request is {size / 2**20:.1f} MB, over this server's "
                         f"{self.max_body_bytes / 2**20:.0f} MB limit for one request.", code="request_too_large")
 
-    def _enter(self) -> None:
-        """A place in the line for the model, or 429 when --queue-size requests already wait."""
-        limit = self.settings.queue_size + self.settings.limits.concurrent_generations
-        with self._lock:
-            if self._inflight >= limit:
-                raise ApiError(429, f"The server is busy: {self._inflight} requests are already in line for the model "
-                               f"(at most {limit}); retry shortly.", "rate_limit_error", code="queue_full")
-            self._inflight += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._inflight -= 1
-
     async def turns(self, chat: ChatRequest, request: Request) -> tuple[list[conv.Turn], dict[str, str]]:
         """Turns for the engine, and each image file's label for error messages."""
         turns, labels = [], {}
@@ -354,13 +306,11 @@ class Api:
             turns.append(conv.Turn(role, tuple(resolved)))
         return turns, labels
 
-    # -- the engine call the UI makes
+    # -- the engine
 
-    def start(self, turns: list[conv.Turn], labels: dict[str, str], params: GenerationParams):
-        handle, limits = self.handle, self.settings.limits
+    def start(self, turns: list[conv.Turn], labels: dict[str, str], chat: ChatRequest) -> Reply:
         try:
-            prompt = conv.prompt_for_turns(handle.processor, turns, limits, handle.context_tokens,
-                                           params.max_new_tokens, load=load_image)
+            return self.engine.submit(turns, chat.params, stop=chat.stop, load=load_image)
         except ImageRejected as exc:
             label = labels.get(exc.filename)
             message = f"{label} {exc.reason}" if label else str(exc)
@@ -369,13 +319,13 @@ class Api:
             raise _invalid(str(exc), "messages", "context_length_exceeded") from None
         except conv.ConversationError as exc:
             raise _invalid(str(exc), "messages") from None
-        inputs = conv.encode(handle.processor, prompt.messages)
-        return generate_stream(handle, inputs, params, limits.token_timeout_s)
 
     @staticmethod
     def failure(exc: BaseException) -> ApiError:
         if isinstance(exc, ApiError):
             return exc
+        if isinstance(exc, EngineBusy):
+            return ApiError(429, str(exc), "rate_limit_error", code="queue_full")
         if isinstance(exc, OutOfMemory):
             return ApiError(503, str(exc), "server_error", code="out_of_memory")
         if isinstance(exc, GenerationTimeout):
@@ -388,14 +338,8 @@ class Api:
     async def complete(self, request: Request) -> Any:
         self.authorize(request)
         chat = parse_request(await self.read_body(request), self.model_id, self.settings.limits.max_new_tokens)
-        self._enter()
-        try:
-            turns, labels = await self.turns(chat, request)
-            generation = await asyncio.to_thread(self.start, turns, labels, chat.params)
-        except BaseException:
-            self._leave()
-            raise
-        reply = _Reply(self, generation, request, StopText(chat.stop))
+        turns, labels = await self.turns(chat, request)
+        reply = _Reply(await asyncio.to_thread(self.start, turns, labels, chat), request)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return StreamingResponse(self._events(reply, chat, request_id, created),
@@ -405,7 +349,7 @@ class Api:
                 pass
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape
             return self.failure(exc).response()
-        return JSONResponse(completion_body(request_id, created, chat.model, reply.stop.text, reply.finish_reason(),
+        return JSONResponse(completion_body(request_id, created, chat.model, reply.text, reply.finish_reason(),
                                             reply.usage()))
 
     async def _events(self, reply: _Reply, chat: ChatRequest, request_id: str, created: int) -> AsyncIterator[str]:
@@ -432,59 +376,39 @@ class Api:
 
 
 class _Reply:
-    """One /v1 reply's life: text as generated, cut at stop strings; the model stopped and the request's place
-    in line given back exactly once — when it ends, fails, or the client goes away (a watcher notices even
-    while nothing is being written, e.g. during a long prefill)."""
+    """One /v1 reply's life: text as the engine streams it (stop strings already cut); the engine's request
+    cancelled when the client goes away (a watcher notices even while nothing is being written, e.g. during
+    a long prefill or while waiting in line)."""
 
-    def __init__(self, api: Api, generation, request: Request, stop: StopText):
-        self.api, self.generation, self.request, self.stop = api, generation, request, stop
-        self._done = False
+    def __init__(self, reply: Reply, request: Request):
+        self.reply, self.request = reply, request
+        self.text = ""
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        while not self._done:
+        while not self.reply.request.finished:
             if await self.request.is_disconnected():
-                log.info("/v1 client went away: stopping its generation")
-                self.close()
+                log.info("/v1 client went away: stopping its reply")
+                self.reply.cancel()
                 return
             await asyncio.sleep(0.2)
 
-    def close(self) -> None:
-        if not self._done:
-            self._done = True
-            self.generation.stop()
-            self.api._leave()
-
     async def pieces(self) -> AsyncIterator[str]:
-        stream = iter(self.generation)
         try:
-            while not self.stop.stopped:
-                piece = await asyncio.to_thread(next, stream, None)
-                if piece is None:
-                    break
-                if text := self.stop.feed(piece):
-                    yield text
-            if text := self.stop.flush():
+            async for text in self.reply.aiter():
+                self.text += text
                 yield text
         finally:
-            self.close()
             self._watcher.cancel()
-            await asyncio.to_thread(_drain, stream)
+            self.reply.close()
 
     def usage(self) -> dict:
-        stats = self.generation.stats
+        stats = self.reply.stats
         return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
                 "total_tokens": stats.prompt_tokens + stats.new_tokens}
 
     def finish_reason(self) -> str:
-        return "length" if self.generation.stats.stop_reason == "length" and not self.stop.stopped else "stop"
-
-
-def _drain(stream) -> None:
-    """Finish a stopped generation's iterator (its worker ends at the next token)."""
-    with contextlib.suppress(Exception):
-        for _ in stream:
-            pass
+        return self.reply.finish_reason
 
 
 def router(api: Api) -> APIRouter:

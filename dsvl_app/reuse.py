@@ -10,15 +10,16 @@ process-wide, shared by every session (an entry is found by content, never by se
 - an **image feature** is the aligner output of one image, found by the hash of the processor's pixel
   tensors, so an image is not re-encoded even when no prefix entry holds it any more.
 
-`generate` with a cache and images has traps that give silently wrong answers; they are handled here:
-`reusable_length` never covers the whole prompt (at least its last token is fed again, else generate
-feeds the whole prompt on top of the cache) and never splits an image's placeholder run, and `plan`
-passes the full ids and mask with features only for the images in the uncached suffix.
+Two traps of a cache with images give silently wrong answers; they are handled here:
+`reusable_length` never covers the whole prompt (at least its last token is fed again: its logits pick
+the first new token) and never splits an image's placeholder run, and `plan` gives features only for
+the images in the uncached suffix (the engine scatters them into exactly those placeholders).
 
-Memory: entries live on the model's device; their bytes never exceed the cap (least-recently-used
-entries go first), entries idle longer than `idle_s` are dropped, and `clear()` empties everything (on
-out of memory). A generate call *takes* its entry out (no two calls share one) and copies the matching
-part into a static cache of its own (`new_cache`); only a successful call puts an entry back. No
+Memory: entries live on the model's device; their bytes never exceed the cap less what the engine
+`reserve`s for the replies being written (least-recently-used entries go first), entries idle longer
+than `idle_s` are dropped, and `clear()` empties everything (on out of memory). A reply *takes* its
+entry out (no two replies share one) and copies the matching part into a static cache of its own
+(`new_cache`); only a reply that ends without error puts an entry back. No
 gradio, no model loading: the model is passed in.
 """
 
@@ -36,7 +37,6 @@ from typing import Any
 
 import torch
 from transformers import StaticCache
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class ReuseCache:
         self._items: OrderedDict[tuple[str, int | str], _Prefix | _Features] = OrderedDict()  # oldest first
         self._next_id = 0
         self._nbytes = 0
+        self.reserved = 0  # bytes of the cap held for the keys/values of replies being written (see reserve)
         self._stats = CacheStats(capacity_bytes=self.capacity_bytes)
         self._janitor: threading.Thread | None = None
 
@@ -226,14 +227,18 @@ class ReuseCache:
             self._remove(key)
             self._stats.expired += 1
 
-    def _admit(self, key: tuple, item: _Prefix | _Features) -> bool:
-        """Insert as most recent, evicting the least recently used until the cap holds."""
-        if item.nbytes > self.capacity_bytes:
-            self._stats.dropped_too_big += 1
-            return False
-        while self._items and self._nbytes + item.nbytes > self.capacity_bytes:
+    def _evict_to(self, limit: int) -> None:
+        while self._items and self._nbytes > limit:
             self._remove(next(iter(self._items)))
             self._stats.evicted += 1
+
+    def _admit(self, key: tuple, item: _Prefix | _Features) -> bool:
+        """Insert as most recent, evicting the least recently used until the cap (less what is reserved) holds."""
+        limit = self.capacity_bytes - self.reserved
+        if item.nbytes > limit:
+            self._stats.dropped_too_big += 1
+            return False
+        self._evict_to(limit - item.nbytes)
         self._items[key] = item
         self._nbytes += item.nbytes
         self._start_janitor()
@@ -325,6 +330,13 @@ class ReuseCache:
                 self._remove(("img", key))
             return self._admit(("img", key), _Features(features, _nbytes(features), now))
 
+    def reserve(self, nbytes: int) -> None:
+        """Hold `nbytes` of the cap for the keys/values of replies being written: they come first, so entries
+        go, least recently used first, until the rest fits in what is left (0 gives the whole cap back)."""
+        with self._lock:
+            self.reserved = max(0, int(nbytes))
+            self._evict_to(self.capacity_bytes - self.reserved)
+
     def clear(self) -> None:
         """Drop everything (after out of memory, so the memory can be given back)."""
         with self._lock:
@@ -343,33 +355,33 @@ def encode_images(model: Any, pixels: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 @dataclass
 class Plan:
-    """The inputs of one generate call with reuse, and what to store when it succeeds."""
+    """What a reply's prefill starts from: a cache holding the reused prefix, and the features of the images
+    after it (cached or encoded now)."""
 
-    kwargs: dict[str, Any]
     cache: StaticCache
-    ids: torch.Tensor
+    ids: torch.Tensor  # 1-D, CPU
     spans: tuple[ImageSpan, ...]
     reused_tokens: int
     images: int
     images_encoded: int
+    features: torch.Tensor | None  # [images after the prefix, tokens per image, hidden]; None when there are none
 
     @property
     def images_reused(self) -> int:
         return self.images - self.images_encoded
 
 
-def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequence[str], image_token_id: int,
-         tokens_per_image: int, max_new_tokens: int) -> Plan:
-    """Generate kwargs that reuse what `store` holds: the full ids and mask, a cache for their reusable
-    prefix, and features (cached or encoded now, then cached) for the images after that prefix only.
+def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], spans: Sequence[ImageSpan], capacity: int) -> Plan:
+    """Start a prefill from what `store` holds: the longest reusable prefix copied into a static cache of
+    `capacity` positions, and features (cached, or encoded now and cached) for the images after that prefix
+    only. With the store off, nothing is found and every image is encoded.
 
-    `inputs` are on the model's device; `keys` are `image_keys` of the processor's own (CPU) output.
+    `inputs` are on the model's device; `spans` carry `image_keys` of the processor's own (CPU) output.
     """
     ids = inputs["input_ids"][0].detach().to("cpu")
-    spans = image_spans(ids, image_token_id, tokens_per_image, keys)
     taken = store.take_prefix(ids, spans)
     suffix = [i for i, span in enumerate(spans) if span.start >= taken.length]
-    features = {i: store.get_features(keys[i]) for i in suffix}
+    features = {i: store.get_features(spans[i].key) for i in suffix}
     missing = [i for i in suffix if features[i] is None]
     if missing:
         index = torch.tensor(missing)
@@ -377,21 +389,7 @@ def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], keys: Sequenc
         encoded = encode_images(model, pixels)
         for n, i in enumerate(missing):
             features[i] = encoded[n] if len(missing) == 1 else encoded[n].clone()  # own storage: evictable alone
-            store.put_features(keys[i], features[i])
-    cache = new_cache(model.config, int(ids.shape[0]) + max_new_tokens, taken.kv, taken.length)
-    kwargs: dict[str, Any] = {
-        "input_ids": inputs["input_ids"],
-        "attention_mask": inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])),
-        "past_key_values": cache,
-    }
-    if suffix:
-        stacked = torch.stack([features[i] for i in suffix])
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=stacked)}
-    return Plan(kwargs, cache, ids, spans, taken.length, len(spans), len(missing))
-
-
-def keep(store: ReuseCache, plan_: Plan, sequences: torch.Tensor) -> None:
-    """After a successful generate: store the keys/values it left (prompt + reply but its last token)."""
-    length = int(plan_.cache.get_seq_length())
-    if length:
-        store.put_prefix(sequences[0, :length], plan_.spans, kv_of(plan_.cache))
+            store.put_features(spans[i].key, features[i])
+    cache = new_cache(model.config, capacity, taken.kv, taken.length)
+    stacked = torch.stack([features[i] for i in suffix]) if suffix else None
+    return Plan(cache, ids, tuple(spans), taken.length, len(spans), len(missing), stacked)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 MODEL_CHOICES_HELP = "'auto' (7B on CUDA, 1.3B on CPU), 'tiny' (bundled demo checkpoint), a hub id or a local path"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+BATCH_DECODE = ("auto", "together", "rows")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 QUANTIZE = ("none", "int4")
 
@@ -27,8 +28,7 @@ class Limits:
     pixels_per_image: int = 40_000_000
     max_new_tokens: int = 2048
     context_tokens: int | None = None  # None: the model's own context size
-    token_timeout_s: float = 120.0  # longest wait for the next token before a generation counts as stalled
-    concurrent_generations: int = 1  # generate calls running at once on the one model
+    token_timeout_s: float = 120.0  # longest time without progress before a reply counts as stalled
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,9 @@ class Settings:
     port: int = 7860
     share: bool = False
     auth: tuple[str, str] | None = None
-    queue_size: int = 32
-    concurrency: int = 1
+    queue_size: int = 32  # requests waiting for the model (beyond those being answered) before new ones are refused
+    batch: int | None = None  # replies decoded together; None: 8 on CUDA, 4 on CPU
+    batch_decode: str = "auto"  # auto | together | rows (see scheduler.DecodePolicy)
     cache_mb: float | None = None  # reuse cache cap; None: a share of free memory, 0: reuse off
     cache_idle_s: float = 1800.0
     api_keys: tuple[str, ...] = ()  # bearer keys for /v1 (the OpenAI-compatible API)
@@ -145,18 +146,23 @@ _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
     ("--port", "DSVL_PORT", "port", int, 7860, "port to serve on"),
     ("--share", "DSVL_SHARE", "share", _bool, False, "create a public gradio share link (pair it with --auth)"),
     ("--auth", "DSVL_AUTH", "auth", _auth, None, "USER:PASSWORD required to open the app"),
-    ("--queue-size", "DSVL_QUEUE_SIZE", "queue_size", _positive_int, 32, "requests waiting at most before new ones are refused"),
-    ("--concurrency", "DSVL_CONCURRENCY", "concurrency", _positive_int, 1, "chat requests served at once"),
+    ("--batch", "DSVL_BATCH", "batch", _positive_int, None,
+     "replies decoded together, from the UI, /chat and /v1 alike (default: 8 on CUDA, 4 on CPU; 1: one at a time)"),
+    ("--batch-decode", "DSVL_BATCH_DECODE", "batch_decode", str, "auto",
+     "auto (measure), together (one forward for all replies) or rows (one forward per reply; exact as alone)"),
+    ("--queue-size", "DSVL_QUEUE_SIZE", "queue_size", _positive_int, 32,
+     "requests waiting for the model at most (beyond those being answered) before new ones are refused"),
     ("--max-images", "DSVL_MAX_IMAGES", "images_per_message", _positive_int, 4, "images per message"),
     ("--max-images-total", "DSVL_MAX_IMAGES_TOTAL", "images_per_conversation", _positive_int, 8, "images per conversation"),
     ("--max-upload-mb", "DSVL_MAX_UPLOAD_MB", "upload_bytes", _megabytes, 20 * 1024 * 1024, "largest upload in MB"),
     ("--max-pixels", "DSVL_MAX_PIXELS", "pixels_per_image", _positive_int, 40_000_000, "largest image in pixels (decompression-bomb guard)"),
     ("--max-new-tokens", "DSVL_MAX_NEW_TOKENS", "max_new_tokens", _positive_int, 2048, "cap on new tokens per reply"),
     ("--context-tokens", "DSVL_CONTEXT_TOKENS", "context_tokens", _positive_int, None, "context budget (default: the model's own)"),
-    ("--token-timeout", "DSVL_TOKEN_TIMEOUT", "token_timeout_s", float, 120.0, "seconds to wait for a token before a generation counts as stalled"),
+    ("--token-timeout", "DSVL_TOKEN_TIMEOUT", "token_timeout_s", float, 120.0,
+     "seconds without any progress (no token, no step of reading the prompt) before a reply counts as stalled"),
     ("--cache-mb", "DSVL_CACHE_MB", "cache_mb", _non_negative_mb, None,
-     "memory for reusing earlier turns (keys/values and image features) in MB; 0 turns reuse off "
-     "(default: a share of the memory free after loading)"),
+     "memory in MB for keys/values: the replies being written first, earlier turns kept for reuse (and image "
+     "features) in the rest; 0 turns reuse off (default: a share of the memory free after loading)"),
     ("--cache-idle-s", "DSVL_CACHE_IDLE_S", "cache_idle_s", float, 1800.0, "seconds before an unused cache entry is dropped"),
     ("--api-key", "DSVL_API_KEY", "api_keys", _keys, (),
      "key(s) for the OpenAI-compatible /v1 API, comma-separated; clients send 'Authorization: Bearer KEY'"),
@@ -172,8 +178,9 @@ _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
      "set the same value on every server that must read them"),
     ("--feedback-file", "DSVL_FEEDBACK_FILE", "feedback_file", str, None,
      "append like/dislike feedback with the conversation to this JSON-lines file (off by default)"),
-    ("--generations", "DSVL_GENERATIONS", "concurrent_generations", _positive_int, 1, "generate calls running at once on the model"),
 )
+# Old names of --batch, kept so that existing command lines and environments still work.
+_ALIASES = {"--batch": (("--generations", "DSVL_GENERATIONS"), ("--concurrency", "DSVL_CONCURRENCY"))}
 _LIMIT_FIELDS = {f for f in Limits.__dataclass_fields__}
 
 
@@ -190,15 +197,21 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         epilog="Every option can also be set by the environment variable shown in brackets.",
     )
     for flag, var, dest, kind, default, help_text in _OPTIONS:
-        if var in env:
-            try:
-                default = kind(env[var])  # type: ignore[operator]
-            except (argparse.ArgumentTypeError, ValueError) as exc:
-                parser.error(f"environment variable {var}={env[var]!r}: {exc}")
+        aliases = _ALIASES.get(flag, ())
+        for name in [var, *(alias_var for _, alias_var in aliases)]:
+            if name in env:
+                try:
+                    default = kind(env[name])  # type: ignore[operator]
+                except (argparse.ArgumentTypeError, ValueError) as exc:
+                    parser.error(f"environment variable {name}={env[name]!r}: {exc}")
+                break
         extra: dict = {"nargs": "?", "const": True} if kind is _bool else {}  # `--share` alone means true
         metavar = flag.removeprefix("--").replace("-", "_").upper()
+        if aliases:
+            help_text += f" (old names: {', '.join(f'{a} [{v}]' for a, v in aliases)})"
         parser.add_argument(
-            flag, dest=dest, type=kind, default=default, metavar=metavar, help=f"{help_text} [{var}]", **extra  # type: ignore[arg-type]
+            flag, *(alias for alias, _ in aliases), dest=dest, type=kind, default=default, metavar=metavar,
+            help=f"{help_text} [{var}]", **extra  # type: ignore[arg-type]
         )
     return parser
 
@@ -212,5 +225,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error(f"--dtype must be one of {', '.join(DTYPES)}")
     if args["attn_implementation"] not in ATTENTION:
         parser.error(f"--attn must be one of {', '.join(ATTENTION)}")
+    if args["batch_decode"] not in BATCH_DECODE:
+        parser.error(f"--batch-decode must be one of {', '.join(BATCH_DECODE)}")
     limits = Limits(**{k: args.pop(k) for k in list(args) if k in _LIMIT_FIELDS})
     return Settings(**args, limits=limits, on_space=bool(env.get("SPACE_ID")), zero_gpu=_zero_gpu(env))

@@ -1,8 +1,9 @@
 """The Gradio UI: layout, per-session state, event wiring, and errors → gr.Warning / gr.Error.
 
 The only module that imports gradio. The browser's chat and the stateless `/chat` API share one
-code path (`ChatApp.stream`). Per-session state lives in the Chatbot value and `gr.State`s; the
-only process-wide state is the model handle.
+code path (`ChatApp.stream`), which submits to the engine the `/v1` routes use too: one line for the
+model, many replies decoded together. Per-session state lives in the Chatbot value and `gr.State`s;
+the only process-wide state is the model handle.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import gradio as gr
 
 from . import conversation as conv
 from . import openai_api, saved
-from .generation import GenerationError, GenerationParams, GenerationStats, Prefetcher, generate_stream
+from .engine import Engine, GenerationError, GenerationParams, GenerationStats, Prefetcher
 from .image_urls import ImageUrlError, ImageUrls, is_image_url
 from .media import ImageRejected, check_location, load_image
 from .model import ModelHandle, get_model
@@ -60,6 +61,7 @@ JS = """
 }
 """
 THUMBNAIL_PX = 96
+OTHER_EVENTS_AT_ONCE = 4  # queued events other than replies (imports, page loads) served at once
 # The generation sliders, in the order of their components (saved with a conversation, set on import).
 CONTROL_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
 
@@ -106,7 +108,24 @@ class Update:
     views: list[ImageView] = field(default_factory=list)
 
 
-def banner_markdown(handle: ModelHandle) -> str:
+def ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def waiting_note(stats: GenerationStats | None) -> str:
+    """What the reply bubble says before the first token: the place in line, or how far the prompt is read."""
+    if stats is None:
+        return ""
+    if stats.place_in_line is not None:
+        return (f"*⏳ Waiting for the model: {ordinal(stats.place_in_line)} in line. Other people's replies are "
+                "being written; yours starts as soon as there is room.*")
+    if stats.stop_reason == "prefilling":
+        share = stats.prefilled_tokens / max(stats.prompt_tokens, 1)
+        return f"*⏳ Reading your message and images… ({share:.0%} of {stats.prompt_tokens:,} prompt tokens)*"
+    return ""
+
+
+def banner_markdown(handle: ModelHandle, engine: Engine | None = None) -> str:
     """Which weights run, where, in which dtype — and whether the offline fallback engaged."""
     what = f"**Model:** {handle.label}"
     if handle.is_tiny:
@@ -117,6 +136,8 @@ def banner_markdown(handle: ModelHandle) -> str:
     lines = [what, f"**Device:** {handle.device} · **dtype:** {dtype}"
              + (f" · **weights:** {handle.quantized}" if handle.quantized else ""),
              f"**Reuse across turns:** {handle.describe_cache()}"]
+    if engine is not None:
+        lines.append(f"**Serving:** {engine.describe()}")
     if not handle.has_high_res:
         lines.append("This model family uses the low-res (384) view only.")
     if handle.offline_fallback:
@@ -145,7 +166,11 @@ def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, s
     ]
     if stats is not None:
         ttft = "—" if stats.time_to_first_token_s is None else f"{stats.time_to_first_token_s:.2f} s"
+        if stats.time_to_first_token_s is not None and stats.queued_s >= 0.05:
+            ttft += f" ({stats.queued_s:.2f} s of it in line)"
         speed = "—" if stats.tokens_per_s is None else f"{stats.tokens_per_s:.1f}"
+        if stats.place_in_line is not None:
+            rows.append(("Place in line", ordinal(stats.place_in_line)))
         rows += [
             ("Reused from earlier turns", reuse_meter(stats, reuse_on)),
             ("Time to first token", ttft),
@@ -212,16 +237,17 @@ def _file_paths(message: Any) -> dict:
 class ChatApp:
     """Builds the Blocks and owns the event functions; one instance per server."""
 
-    def __init__(self, settings: Settings, handle: ModelHandle | None = None):
+    def __init__(self, settings: Settings, engine: Engine | None = None):
         self.settings = settings
         self.limits: Limits = settings.limits
-        self.handle = handle or get_model(settings)
+        self.engine = engine or Engine(get_model(settings), settings)
+        self.handle = self.engine.handle
         self.store = image_store(settings)
         # Only gradio's upload cache, our examples and the image store may be read (API clients could name any path).
         self.allowed_roots = allowed_roots(self.store)
         self.image_urls = image_urls(settings)
         self.export_dir = Path(tempfile.mkdtemp(prefix="dsvl-exports-"))
-        self.prefetcher = Prefetcher(self.handle, lambda path: self._load(path, self.limits))
+        self.prefetcher = Prefetcher(self.engine, lambda path: self._load(path, self.limits))
 
     # -- the one code path for UI and API
 
@@ -245,32 +271,31 @@ class ChatApp:
     @_on_gpu
     def stream(self, message: Any, history: Any, params: GenerationParams, with_views: bool = True,
                min_interval_s: float = 0.0) -> Iterator[Update]:
-        """Validate, budget, encode and stream one reply; raises USER_ERRORS with specific messages.
+        """Submit one reply to the engine and stream it; raises USER_ERRORS with specific messages.
 
         `min_interval_s` coalesces increments: re-rendering the whole chat per token would cap the
-        browser's stream far below the model's speed.
+        browser's stream far below the model's speed. While the reply waits in line or its prompt is
+        read, an update comes every few tenths of a second (the place in line and progress change).
         """
-        handle = self.handle
         if history is not None and not isinstance(history, list):
             raise conv.ConversationError("history must be a list of chat messages")
-        prompt = conv.build_prompt(
-            handle.processor, history, message, self.limits, handle.context_tokens, params.max_new_tokens, load=self._load
-        )
-        inputs = conv.encode(handle.processor, prompt.messages)
+        turns = conv.conversation_turns(history, message)
+        reply = self.engine.submit(turns, params, new=conv.parse_message(message), load=self._load)
+        prompt = reply.prompt
         views = []
         if with_views:
             sizes = [image.size for image in prompt.images]
-            views = image_views(handle.processor, inputs, prompt.image_names, sizes, first_number=prompt.dropped_images + 1)
-        generation = generate_stream(handle, inputs, params, self.limits.token_timeout_s)
-        reply, sent = "", time.perf_counter()
-        yield Update(reply, prompt, generation.stats, views)
-        with generation:
-            for piece in generation:
-                reply += piece
-                if time.perf_counter() - sent >= min_interval_s:
+            views = image_views(self.handle.processor, reply.inputs, prompt.image_names, sizes,
+                                first_number=prompt.dropped_images + 1)
+        text, sent = "", time.perf_counter()
+        yield Update(text, prompt, reply.stats, views)
+        with reply:
+            for piece in reply.updates():
+                text += piece or ""
+                if piece is None or time.perf_counter() - sent >= min_interval_s:
                     sent = time.perf_counter()
-                    yield Update(reply, prompt, generation.stats)
-        yield Update(reply, prompt, generation.stats)
+                    yield Update(text, prompt, reply.stats)
+        yield Update(text, prompt, reply.stats)
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
              repetition_penalty: float, seed: float | None) -> Iterator[str]:
@@ -295,8 +320,11 @@ class ChatApp:
         """
         try:
             params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+            last = None
             for update in self.stream(self._resolve_urls(message), history or [], params, with_views=False):
-                yield update.reply
+                if update.reply != last:  # not the refreshes of a reply waiting in line
+                    last = update.reply
+                    yield update.reply
         except (*USER_ERRORS, ImageUrlError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
@@ -330,7 +358,7 @@ class ChatApp:
         try:
             params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
             for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
-                chat = shown_user + [{"role": "assistant", "content": update.reply}]
+                chat = shown_user + [{"role": "assistant", "content": update.reply or waiting_note(update.stats)}]
                 meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
                 state = {"prompt": update.prompt, "stats": update.stats}
                 if i == 0:
@@ -561,7 +589,7 @@ class ChatApp:
             self.delete_all_btn = gr.Button("Delete all", elem_id="delete-all-chats", size="sm", variant="stop")
 
     def _render_side_panel(self) -> None:
-        self.banner = gr.Markdown(banner_markdown(self.handle), elem_id="model-banner")
+        self.banner = gr.Markdown(banner_markdown(self.handle, self.engine), elem_id="model-banner")
         with gr.Accordion("Generation", open=True):
             cap = self.limits.max_new_tokens
             self.max_new_tokens = gr.Slider(1, cap, value=min(512, cap), step=1, label="Max new tokens",
@@ -597,7 +625,10 @@ class ChatApp:
             "inputs": [self.pending, self.history_before, *controls],
             "outputs": [self.chatbot, self.inspector_low, self.inspector_high, self.meters, self.chat_input,
                         self.last_meters],
-            "concurrency_id": "generate",  # UI and API share one concurrency limit: one model
+            # UI and /chat share one limit, high enough that every reply reaches the engine, whose one line
+            # (shared with /v1) decides who is answered: --batch at once, the rest waiting with their place shown.
+            "concurrency_id": "generate",
+            "concurrency_limit": self.concurrency_limit,
             "show_progress": "minimal",
             **private,
         }
@@ -672,7 +703,12 @@ class ChatApp:
             [self.api_reply],
             api_name="chat",  # its docstring describes it on the API page and to MCP clients
             concurrency_id="generate",
+            concurrency_limit=self.concurrency_limit,
         )
+
+    @property
+    def concurrency_limit(self) -> int:
+        return self.engine.batch + self.settings.queue_size
 
     def build(self) -> gr.Blocks:
         """The whole UI."""
@@ -697,10 +733,10 @@ class ChatApp:
         return demo
 
 
-def build_demo(settings: Settings, handle: ModelHandle | None = None) -> gr.Blocks:
-    """The queued Blocks app for these settings (the model is loaded here, once)."""
-    demo = ChatApp(settings, handle).build()
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+def build_demo(settings: Settings, engine: Engine | None = None) -> gr.Blocks:
+    """The queued Blocks app for these settings (without `engine`, the model is loaded here, once)."""
+    demo = ChatApp(settings, engine).build()
+    demo.queue(max_size=settings.queue_size, default_concurrency_limit=OTHER_EVENTS_AT_ONCE)
     return demo
 
 
@@ -722,11 +758,13 @@ def image_urls(settings: Settings) -> ImageUrls:
     return ImageUrls(folder, allowed_roots(), settings.limits, settings.allow_remote_images)
 
 
-def launch_kwargs(settings: Settings, handle: ModelHandle | None = None) -> dict[str, Any]:
-    """Arguments for demo.launch(): bind address, share, auth, upload cap, allowed files, theme, and the
-    OpenAI-compatible /v1 routes for `handle` (default: the shared one) on the same server."""
-    api = openai_api.Api(handle or get_model(settings), settings, image_urls(settings))
+def launch_kwargs(settings: Settings, engine: Engine) -> dict[str, Any]:
+    """Arguments for demo.launch(): bind address, share, auth, upload cap, allowed files, theme, threads,
+    and the OpenAI-compatible /v1 routes over the same engine on the same server."""
+    api = openai_api.Api(engine, settings, image_urls(settings))
     return {
+        # A reply waiting in line or streaming holds one of gradio's worker threads; leave room for the rest.
+        "max_threads": engine.batch + settings.queue_size + 16,
         "app_kwargs": {"routes": openai_api.router(api).routes},  # before gradio's own routes
         "mcp_server": settings.mcp,
         "server_name": settings.server_name,

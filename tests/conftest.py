@@ -12,6 +12,7 @@ from dsvl_app.model import get_model
 from dsvl_app.settings import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "assets" / "examples"
 
 
 def pytest_configure(config):
@@ -63,17 +64,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def generate_text(handle, inputs, params, **kwargs):
+    """`model.generate`'s reply to processor `inputs` — the oracle the engine is held to (tests only).
+
+    A static cache of prompt + max_new_tokens positions, as the app used before its engine decoded replies
+    itself, and the seed set as generate's users set it. With `return_dict_in_generate=True` etc. in
+    `kwargs`, the generate output itself is returned."""
+    import torch
+    from transformers import StaticCache
+
+    from dsvl_app.scheduler import model_inputs
+
+    tokenizer = handle.processor.tokenizer
+    prompt = int(inputs["input_ids"].shape[1])
+    if params.seed is not None:
+        torch.manual_seed(int(params.seed))
+    with torch.inference_mode():
+        out = handle.model.generate(
+            **model_inputs(handle.model, inputs), **params.generate_kwargs(),
+            past_key_values=StaticCache(config=handle.model.config, max_cache_len=prompt + params.max_new_tokens),
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, disable_compile=True, **kwargs)
+    if kwargs:
+        return out
+    return tokenizer.decode(out[0, prompt:], skip_special_tokens=True)
+
+
+class Served(tuple):
+    """(demo, url) of a launched app, with its `engine` (to see what runs on the model)."""
+
+    engine: object
+
+
 @contextlib.contextmanager
-def serve(settings: Settings, handle):
-    """The real app for `handle`, launched in this process on a free port; yields (demo, url)."""
+def serve(settings: Settings, handle, engine=None):
+    """The real app for `handle` (or `engine`), launched in this process on a free port; yields (demo, url)."""
+    from dsvl_app.engine import Engine
     from dsvl_app.ui import build_demo, launch_kwargs
 
-    demo = build_demo(settings, handle)
-    kwargs = launch_kwargs(settings, handle)
+    engine = engine or Engine(handle, settings)
+    demo = build_demo(settings, engine)
+    kwargs = launch_kwargs(settings, engine)
     kwargs.update(server_port=free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
+    served = Served((demo, demo.local_url))
+    served.engine = engine
     try:
-        yield demo, demo.local_url
+        yield served
     finally:
         demo.close()
 
@@ -133,8 +169,16 @@ def loopback_http(handler: type):
         server.shutdown()
 
 
-def generate_threads() -> list:
-    """Generate worker threads still alive in this process."""
-    import threading
+def wait_until(condition, timeout: float = 10.0, poll: float = 0.02) -> bool:
+    """Poll `condition()` until it holds or `timeout` passes; its last value."""
+    import time
 
-    return [t for t in threading.enumerate() if t.name == "dsvl-generate" and t.is_alive()]
+    deadline = time.monotonic() + timeout
+    while not (ok := condition()) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return bool(ok)
+
+
+def replying(engine) -> bool:
+    """Whether the engine has a reply in line, reading its prompt, or decoding."""
+    return engine.scheduler.busy

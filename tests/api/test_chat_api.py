@@ -5,7 +5,8 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from dsvl_app.generation import GenerationParams, generate_stream
+from dsvl_app.engine import GenerationParams
+from tests.conftest import generate_text
 
 pytestmark = pytest.mark.api
 
@@ -13,12 +14,11 @@ SAMPLING = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95, "repetition
 
 
 def engine_reply(handle, messages) -> str:
-    """What the engine answers for hand-written template messages (the reference)."""
+    """What model.generate answers for hand-written template messages (the reference)."""
     inputs = handle.processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    params = GenerationParams(**SAMPLING)
-    return "".join(generate_stream(handle, inputs, params, 30))
+    return generate_text(handle, inputs, GenerationParams(**SAMPLING))
 
 
 def pil(path):

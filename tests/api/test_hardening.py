@@ -17,11 +17,11 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from dsvl_app import generation as generation_mod
-from dsvl_app.generation import GenerationParams, generate_stream
+from dsvl_app import scheduler as scheduler_mod
+from dsvl_app.engine import GenerationParams
 from dsvl_app.media import load_image
 from dsvl_app.settings import parse_settings
-from tests.conftest import generate_threads, loopback_http, serve
+from tests.conftest import generate_text, loopback_http, replying, serve
 
 pytestmark = pytest.mark.api
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,13 +37,13 @@ def engine_reply(handle, images, text, **overrides) -> str:
     content = [*({"type": "image", "image": im} for im in images), {"type": "text", "text": text}]
     inputs = handle.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                   tokenize=True, return_dict=True, return_tensors="pt")
-    return "".join(generate_stream(handle, inputs, GenerationParams(**{**GREEDY, **overrides}), 30))
+    return generate_text(handle, inputs, GenerationParams(**{**GREEDY, **overrides}))
 
 
-def wait_no_generation(limit: float) -> float:
+def wait_no_generation(engine, limit: float) -> float:
     t0 = time.perf_counter()
-    while generate_threads():
-        assert time.perf_counter() - t0 < limit, f"generation still running {limit} s after the stop"
+    while replying(engine):
+        assert time.perf_counter() - t0 < limit, f"a reply still running {limit} s after the stop"
         time.sleep(0.01)
     return time.perf_counter() - t0
 
@@ -155,15 +155,15 @@ def test_catalogue_limits_and_message_refusals(client, make_image):
 # ------------------------------------------------------------------ stop
 
 
-def test_a_cancelled_api_job_ends_the_generation_within_a_second(random_client):
+def test_a_cancelled_api_job_ends_the_generation_within_a_second(random_client, random_app_server):
     job = random_client.submit({"text": "Write a long story.", "files": []}, [], **LONG, api_name="/chat")
     deadline = time.time() + 30
     while not job.outputs() or len(job.outputs()[-1]) < 20:
         assert time.time() < deadline
         time.sleep(0.05)
-    assert generate_threads()
+    assert replying(random_app_server.engine)
     job.cancel()
-    assert wait_no_generation(1.0) < 1.0
+    assert wait_no_generation(random_app_server.engine, 1.0) < 1.0
 
 
 # ------------------------------------------------------------------ concurrency
@@ -185,8 +185,10 @@ def test_eight_simultaneous_sessions_complete_without_leaking(app_server, handle
     assert replies == expected  # each session got exactly its own answer
 
 
-def test_a_full_queue_says_so(strict):
-    url, auth = strict
+def test_a_full_line_says_so(strict):
+    """--batch 1 --queue-size 1: one reply runs, one waits in the engine's line, one in gradio's queue; the rest
+    are told the queue is full."""
+    url, auth, engine = strict
     clients = [Client(url, auth=auth, verbose=False) for _ in range(5)]
     jobs = [c.submit({"text": "long", "files": []}, [], **LONG, api_name="/chat") for c in clients]
     errors = []
@@ -197,8 +199,9 @@ def test_a_full_queue_says_so(strict):
             errors.append(f"{type(exc).__name__}: {exc}")
     for job in jobs:
         job.cancel()
-    wait_no_generation(5)
-    assert any("Queue is full" in e for e in errors), errors
+    wait_no_generation(engine, 5)
+    refused = [e for e in errors if "busy" in e or "Queue is full" in e]
+    assert len(refused) >= 2, errors
 
 
 # ------------------------------------------------------------------ out of memory
@@ -208,8 +211,8 @@ def test_a_full_queue_says_so(strict):
 def test_simulated_cuda_oom_gives_advice_releases_memory_and_the_next_request_is_served(client, handle, monkeypatch,
                                                                                         make_image, phase, step):
     released = []
-    real_release = generation_mod.release_memory
-    monkeypatch.setattr(generation_mod, "release_memory", lambda device: released.append(device) or real_release(device))
+    real_release = scheduler_mod.release_memory
+    monkeypatch.setattr(scheduler_mod, "release_memory", lambda device: released.append(device) or real_release(device))
 
     calls = {"n": 0}
 
@@ -234,7 +237,7 @@ def test_simulated_cuda_oom_gives_advice_releases_memory_and_the_next_request_is
 
 
 def test_a_stalled_generation_ends_with_a_clear_message(strict, random_handle):
-    url, auth = strict
+    url, auth, engine = strict
     handle = random_handle  # the model the strict app serves
 
     def hook(module, args, kwargs):
@@ -249,7 +252,7 @@ def test_a_stalled_generation_ends_with_a_clear_message(strict, random_handle):
             Client(url, auth=auth, verbose=False).predict({"text": "hi", "files": []}, [], **GREEDY, api_name="/chat")
     finally:
         remove.remove()
-    wait_no_generation(5)
+    wait_no_generation(engine, 5)
 
 
 # ------------------------------------------------------------------ exposure
@@ -257,15 +260,16 @@ def test_a_stalled_generation_ends_with_a_clear_message(strict, random_handle):
 
 @pytest.fixture(scope="module")
 def strict(random_handle):
-    """A second app with tight limits, a queue of 1 and a password (random weights: replies run long)."""
-    settings = parse_settings(["--model", "tiny", "--max-upload-mb", "1", "--queue-size", "1", "--token-timeout", "1",
-                               "--auth", "ann:secret"], environ={})
-    with serve(settings, random_handle) as (_, url):
-        yield url, ("ann", "secret")
+    """A second app with tight limits, one reply at a time, a line of 1 and a password (random weights: replies
+    run long)."""
+    settings = parse_settings(["--model", "tiny", "--max-upload-mb", "1", "--batch", "1", "--queue-size", "1",
+                               "--token-timeout", "1", "--auth", "ann:secret"], environ={})
+    with serve(settings, random_handle) as served:
+        yield served[1], ("ann", "secret"), served.engine
 
 
 def test_auth_is_required_and_works(strict):
-    url, auth = strict
+    url, auth, _ = strict
     with pytest.raises(Exception):  # noqa: B017 - gradio_client raises different types per version
         Client(url, verbose=False)
     with pytest.raises(Exception):  # noqa: B017
@@ -275,7 +279,7 @@ def test_auth_is_required_and_works(strict):
 
 
 def test_upload_cap_is_enforced_by_the_server(strict, tmp_path):
-    url, auth = strict
+    url, auth, _ = strict
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (2 * 1024 * 1024))
     with httpx.Client(base_url=url) as http:

@@ -14,11 +14,10 @@ from gradio_client import Client, handle_file
 
 from dsvl_app import conversation as conv
 from dsvl_app.settings import parse_settings
-from tests.conftest import generate_threads, serve
+from tests.conftest import EXAMPLES, replying, serve, wait_until
 
 pytestmark = pytest.mark.api
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 KEY = "sk-test-dsvl-0001"
 MODEL = "tiny-dsvl-hybrid"
 
@@ -168,18 +167,15 @@ def test_an_oversize_request_is_413(handle):
         assert response.status_code == 413 and "limit for one request" in response.json()["error"]["message"]
 
 
-def test_a_client_that_disconnects_mid_stream_stops_the_generation(open_random):
-    url = open_random[0]
+def test_a_client_that_disconnects_mid_stream_stops_the_generation(open_random, random_app_server):
+    url, engine = open_random[0], random_app_server.engine
     body = {"model": "ckpt", "stream": True, "max_tokens": 2000, "temperature": 1.0,
             "messages": [ask("Tell me everything.", EXAMPLES / "green_triangle.png")]}
     with httpx.stream("POST", url + "v1/chat/completions", json=body, timeout=60) as response:
         lines = response.iter_lines()
         received = [next(lines) for _ in range(12)]
-        assert any('"content"' in line for line in received) and generate_threads()
-    deadline = time.time() + 5
-    while generate_threads() and time.time() < deadline:
-        time.sleep(0.05)
-    assert not generate_threads(), "the generate thread kept running after the client went away"
+        assert any('"content"' in line for line in received) and replying(engine)
+    assert wait_until(lambda: not replying(engine), 5), "the reply kept running after the client went away"
 
 
 def test_ui_api_and_v1_at_once_without_cross_talk(keyed):
@@ -204,10 +200,7 @@ def test_ui_api_and_v1_at_once_without_cross_talk(keyed):
 
 
 def test_a_full_line_is_answered_429(settings, random_handle):
-    from dsvl_app.model import GenerationSlots
-
-    handle = replace(random_handle, generation_slots=GenerationSlots(1))
-    with serve(replace(settings, queue_size=1), handle) as (_, url):
+    with serve(replace(settings, queue_size=1, batch=1), random_handle) as (_, url):
         client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
         outcomes = []
 

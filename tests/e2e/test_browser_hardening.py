@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsvl_app import ui as ui_mod
-from dsvl_app.generation import GenerationStats
-from tests.conftest import generate_threads
+from tests.conftest import replying, wait_until
 
 pytestmark = pytest.mark.browser
 EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
@@ -67,25 +65,24 @@ def test_closing_the_tab_ends_the_generation_within_a_second(browser, random_app
     page.wait_for_function(
         "() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]'); return b.length && b[0].innerText.length > 20; }"
     )
-    assert generate_threads()
+    engine = random_app_server.engine
+    assert replying(engine)
     context.close()  # the user closes the tab
-    t0 = time.perf_counter()
-    while generate_threads():
-        assert time.perf_counter() - t0 < 1.0, "generation kept running after the tab closed"
-        time.sleep(0.01)
+    assert wait_until(lambda: not replying(engine), 1.0), "the reply kept running on the model after the tab closed"
 
 
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\"> **bold**"
 
 
-class ScriptedGeneration:
-    """Stands in for the model so the reply is exactly the hostile HTML under test."""
+class ScriptedReply:
+    """Stands in for the model's reply (the real request is made, then cancelled) so that the reply is exactly
+    the hostile HTML under test."""
 
-    def __init__(self, handle, inputs, params, timeout):
-        self.stats = GenerationStats(prompt_tokens=int(inputs["input_ids"].shape[-1]), images=0, new_tokens=3,
-                                     stop_reason="eos")
+    def __init__(self, real):
+        real.cancel()
+        self.prompt, self.inputs, self.stats = real.prompt, real.inputs, real.stats
 
-    def __iter__(self):
+    def updates(self):
         yield "<img src=x onerror=\"window.__xss = 3\">"
         yield "<script>window.__xss = 4</script> done"
 
@@ -96,8 +93,10 @@ class ScriptedGeneration:
         return None
 
 
-def test_html_and_scripts_in_messages_and_replies_are_not_executed(chat, monkeypatch):
-    monkeypatch.setattr(ui_mod, "generate_stream", ScriptedGeneration)
+def test_html_and_scripts_in_messages_and_replies_are_not_executed(chat, app_server, monkeypatch):
+    engine = app_server.engine
+    real_submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *args, **kwargs: ScriptedReply(real_submit(*args, **kwargs)))
     chat.send(XSS)
     chat.page.wait_for_function(
         "() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]'); return b.length && b[0].innerText.includes('done'); }"

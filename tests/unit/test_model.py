@@ -73,24 +73,31 @@ def test_tiny_handle_facts(handle):
     assert not handle.offline_fallback
 
 
-def test_reuse_cache_is_sized_as_asked_or_from_free_memory(settings):
+def test_keys_values_memory_is_sized_as_asked_or_from_free_memory(settings):
     from dataclasses import replace
 
-    from dsvl_app.model import default_cache_bytes, reuse_cache
+    from dsvl_app.model import default_cache_bytes, memory_budget, reuse_cache
 
     cpu = torch.device("cpu")
-    cache, why = reuse_cache(replace(settings, cache_mb=64), cpu)
-    assert cache.capacity_bytes == 64 * 2**20 and "as asked" in why
-    cache, why = reuse_cache(replace(settings, cache_mb=0), cpu)
-    assert not cache.enabled and "--cache-mb 0" in why
-    cache, why = reuse_cache(replace(settings, zero_gpu=True), cpu)
-    assert not cache.enabled and "ZeroGPU" in why
+    budget, why = memory_budget(replace(settings, cache_mb=64), cpu)
+    assert budget == 64 * 2**20 and "as asked" in why
+    cache, off = reuse_cache(replace(settings, cache_mb=64), budget)
+    assert cache.capacity_bytes == budget and off is None  # reuse lives in the same budget as running replies
     import psutil
 
     share, why = default_cache_bytes(cpu)
     assert 0 < share <= psutil.virtual_memory().available and "RAM" in why
+    budget, why = memory_budget(replace(settings, cache_mb=0), cpu)
+    assert budget > 0 and "RAM" in why  # reuse off: running replies still get the default share
+    cache, off = reuse_cache(replace(settings, cache_mb=0), budget)
+    assert not cache.enabled and "--cache-mb 0" in off
+    cache, off = reuse_cache(replace(settings, zero_gpu=True), budget)
+    assert not cache.enabled and "ZeroGPU" in off
     handle = load_model(replace(settings, cache_mb=32))
-    assert handle.reuse.capacity_bytes == 32 * 2**20 and "32 MB" in handle.describe_cache()
+    assert handle.reuse.capacity_bytes == handle.kv_budget_bytes == 32 * 2**20
+    assert "32 MB" in handle.describe_cache() and "replies being written" in handle.describe_cache()
+    handle = load_model(replace(settings, cache_mb=0))
+    assert not handle.reuse.enabled and "turned off" in handle.describe_cache()
 
 
 def test_tiny_checkpoint_loads_fast(settings):

@@ -6,7 +6,8 @@ import http.server
 import pytest
 
 from dsvl_app.fetch import RemoteImageError, RemoteImages, is_public_address
-from dsvl_app.openai_api import ApiError, ImageUrl, StopText, parse_request
+from dsvl_app.openai_api import ApiError, ImageUrl, parse_request
+from dsvl_app.sampling import StopText
 from tests.conftest import loopback_http
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}

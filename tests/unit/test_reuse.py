@@ -3,7 +3,6 @@
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,32 +10,32 @@ from PIL import Image
 
 from dsvl_app import conversation as conv
 from dsvl_app import reuse
-from dsvl_app.generation import GenerationError, GenerationParams, OutOfMemory, generate_stream
-from dsvl_app.model import GenerationSlots
+from dsvl_app.engine import Engine, GenerationError, GenerationParams, OutOfMemory
 from dsvl_app.reuse import ImageSpan, ReuseCache, image_keys, image_spans, reusable_length
 from dsvl_app.settings import Limits, parse_settings
-from tests.conftest import load_script
+from tests.conftest import EXAMPLES, load_script
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "assets" / "examples"
 GREEDY = GenerationParams(max_new_tokens=24, temperature=0.0)
 LIMITS = Limits()
+SETTINGS = parse_settings(["--model", "tiny"], environ={})
 
 
 # ---------------------------------------------------------------- helpers: the engine path ChatApp.stream takes
 
 
-def reply(handle, history, message, params=GREEDY, context=None, stop_after=None):
-    """One turn as the app runs it: budget → processor → generate; (text, stats)."""
-    prompt = conv.build_prompt(handle.processor, history, message, LIMITS, context or handle.context_tokens,
-                               params.max_new_tokens)
-    generation = generate_stream(handle, conv.encode(handle.processor, prompt.messages), params, 60)
+def reply(handle, history, message, params=GREEDY, context=None, stop_after=None, engine=None):
+    """One turn as the app runs it: history + message → the engine (budget, processor, reuse, decode); (text, stats)."""
+    if context is not None:
+        handle = replace(handle, context_tokens=context)
+    engine = engine or Engine(handle, SETTINGS)
+    answer = engine.submit(conv.conversation_turns(history, message), params, new=conv.parse_message(message))
     pieces = []
-    with generation:
-        for piece in generation:
+    with answer:
+        for piece in answer:
             pieces.append(piece)
             if stop_after is not None and len(pieces) >= stop_after:
-                generation.stop(wait=5)
-    return "".join(pieces), generation.stats
+                answer.cancel()
+    return "".join(pieces), answer.stats
 
 
 def exchange(message, text):
@@ -177,16 +176,6 @@ def test_taking_an_entry_removes_it_a_short_match_copies_and_a_longer_entry_repl
     assert store.take_prefix(follow_up, ()).kv is None
 
 
-def test_slots_give_background_work_only_an_idle_model():
-    slots = GenerationSlots(2)
-    assert slots.acquire_if_idle()
-    slots.release()
-    assert slots.acquire(1)
-    assert not slots.acquire_if_idle()  # one reply runs: no background work beside it
-    slots.release()
-    assert slots.idle
-
-
 # ---------------------------------------------------------------- exactness: greedy replies equal a full recompute
 
 
@@ -294,27 +283,25 @@ def test_a_different_image_in_the_same_place_is_never_reused(handle, monkeypatch
     assert "red" in wrong and stats.images_reused == 1
 
 
-def test_concurrent_generations_with_reuse_are_exact(images, settings):
-    """--generations 2: two conversations at once, each taking its own entry."""
-    from dsvl_app.model import load_model
-
-    base = load_model(replace(settings, limits=replace(settings.limits, concurrent_generations=2)))
-    on, off = with_cache(base), with_cache(replace(base, generation_slots=GenerationSlots(1)), 0)
+def test_conversations_decoded_together_with_reuse_are_exact(handle, images):
+    """Six conversations at once on one engine (four decoded together), each taking its own entry."""
+    on, off = with_cache(handle), with_cache(handle, 0)
+    engine = Engine(on, SETTINGS, batch=4, decode="together")
     conversations = {
         name: [{"text": "What colour is the image?", "files": [images[name]]}, {"text": "What shape is it?", "files": []}]
         for name in ["red", "green", "yellow"]
     }
     results: dict[str, list[str]] = {}
 
-    def run(name):
+    def run(name, copy):
         history, replies = [], []
         for message in conversations[name]:
-            text, _ = reply(on, history, message)
+            text, _ = reply(on, history, message, engine=engine)
             replies.append(text)
             history += exchange(message, text)
-        results[name] = replies
+        results[(name, copy)] = replies
 
-    threads = [threading.Thread(target=run, args=(name,)) for name in conversations for _ in range(2)]
+    threads = [threading.Thread(target=run, args=(name, copy)) for name in conversations for copy in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -325,7 +312,7 @@ def test_concurrent_generations_with_reuse_are_exact(images, settings):
             text, _ = reply(off, history, message)
             want.append(text)
             history += exchange(message, text)
-        assert results[name] == want
+        assert results[(name, 0)] == results[(name, 1)] == want
 
 
 # ---------------------------------------------------------------- failures and memory
@@ -377,42 +364,3 @@ def test_cache_memory_never_goes_above_the_cap_across_conversations(random_handl
             assert on.reuse.nbytes <= per_turn
     stats = on.reuse.stats()
     assert stats.evicted + stats.dropped_too_big > 0 and stats.nbytes <= per_turn
-
-
-# ---------------------------------------------------------------- encode on attach
-
-
-def test_prefetch_encodes_an_attached_image_only_while_the_model_is_idle(random_handle, images, tmp_path):
-    from dsvl_app.generation import Prefetcher
-    from dsvl_app.media import load_image
-
-    on, off = with_cache(random_handle), with_cache(random_handle, 0)
-    prefetcher = Prefetcher(on, lambda path: load_image(path, LIMITS), poll_s=0.02)
-    running = {"text": "Describe it.", "files": [images["red"]]}
-    prompt = conv.build_prompt(on.processor, [], running, LIMITS, on.context_tokens, 2000)
-    remove = _hook(on, lambda: time.sleep(0.005))
-    try:
-        generation = generate_stream(on, conv.encode(on.processor, prompt.messages),
-                                     GenerationParams(max_new_tokens=2000), 60)
-        stream = iter(generation)
-        next(stream)
-        assert prefetcher.submit([images["yellow"]]) == 1 and prefetcher.submit([images["yellow"]]) == 0
-        time.sleep(0.5)
-        assert prefetcher.encoded == 0  # a reply runs: the image waits, the reply is not slowed
-        generation.stop(wait=5)
-        list(stream)
-    finally:
-        remove.remove()
-    deadline = time.monotonic() + 10
-    while prefetcher.encoded == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert prefetcher.encoded == 1  # the model went idle: encoded in the background
-    message = {"text": "And this one?", "files": [images["yellow"]]}
-    text, stats = reply(on, [], message)
-    assert stats.images_reused == 1 and text == reply(off, [], message)[0]  # not re-encoded, and exact
-    bad = tmp_path / "notes.png"
-    bad.write_text("not an image")
-    assert prefetcher.submit([str(bad)]) == 1
-    time.sleep(0.3)
-    assert prefetcher.encoded == 1 and prefetcher._thread.is_alive()  # skipped; the reply will name the problem
-    assert Prefetcher(off, lambda path: load_image(path, LIMITS)).submit([images["blue"]]) == 0  # reuse off

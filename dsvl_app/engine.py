@@ -1,0 +1,286 @@
+"""The one way to the model: submit a conversation, get back a `Reply` that streams text and stats.
+
+The UI, `/chat`, `/v1`, MCP and encode-on-attach all come through here; nothing above this module
+builds a prompt or runs the model. `Engine.submit` validates and budgets the conversation (the
+processor renders it and counts its tokens), encodes it with the processor, hashes its images and puts
+a `Request` in the scheduler's line; the `Reply` it returns is the consumer's side: iterate it (or
+`async for` it) for text increments, read `stats` for the meters and the place in line, `cancel()` or
+close it to stop that request only. A reply that makes no progress at all (no token, no prefill step,
+no layer) for `token_timeout_s` is stopped as stalled; waiting in line behind replies that are
+progressing is not a stall. No gradio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from . import conversation as conv
+from . import reuse
+from .media import load_image
+from .model import ModelHandle
+from .request import DONE, EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, Request
+from .sampling import GenerationError, GenerationParams
+from .scheduler import Scheduler, model_inputs
+from .settings import Limits, Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_BATCH_CPU", "DEFAULT_BATCH_CUDA", "Engine", "EngineBusy", "GenerationError", "GenerationParams",
+           "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Reply"]
+
+DEFAULT_BATCH_CUDA = 8  # a decode step for 8 rows costs about one row's on a GPU
+DEFAULT_BATCH_CPU = 4  # CPUs gain little speed from batching; 4 keeps the wait behind others short
+CHUNK_TOKENS = 512  # prompt positions fed per prefill step while other replies decode
+POLL_S = 0.25  # how often a waiting consumer looks at its place in line and the heartbeat
+
+
+def default_batch(settings: Settings, device: torch.device) -> tuple[int, str]:
+    """Replies decoded together: --batch, else 8 on CUDA and 4 on CPU (1 on ZeroGPU), and why."""
+    if settings.zero_gpu:
+        return 1, "ZeroGPU lends the GPU one call at a time"
+    if settings.batch is not None:
+        return settings.batch, "as asked (--batch)"
+    if device.type == "cuda":
+        return DEFAULT_BATCH_CUDA, "default on CUDA"
+    return DEFAULT_BATCH_CPU, "default on CPU"
+
+
+class Engine:
+    """One scheduler owning one model; any number of adapters submit to it (see the module docstring)."""
+
+    def __init__(self, handle: ModelHandle, settings: Settings | None = None, *, batch: int | None = None,
+                 decode: str | None = None, chunk_tokens: int = CHUNK_TOKENS):
+        self.handle = handle
+        self.settings = settings = settings or Settings()
+        self.limits: Limits = settings.limits
+        self.batch, self.batch_reason = default_batch(settings, handle.device)
+        if batch is not None:
+            self.batch, self.batch_reason = batch, "as asked"
+        self.scheduler = Scheduler(handle, self.batch, handle.kv_budget_bytes, settings.queue_size,
+                                   decode or settings.batch_decode, chunk_tokens, inline=settings.zero_gpu)
+
+    def describe(self) -> str:
+        """One line for the banner: how many replies run at once and how they are decoded."""
+        if self.batch == 1:
+            return f"one at a time ({self.batch_reason}); others wait in line"
+        return (f"up to {self.batch} replies decoded together ({self.batch_reason}); "
+                f"decode: {self.scheduler.policy.describe()}")
+
+    # -- requests
+
+    def submit(self, turns: Sequence[conv.Turn], params: GenerationParams, *, new: conv.Turn | None = None,
+               stop: Sequence[str] = (), load: Callable[..., Any] = load_image, record_logits: bool = False) -> Reply:
+        """Build the prompt for `turns` (the last one the user's; `new` its newest message, checked first) and
+        put it in line. Raises the conversation's refusals (bad image, too many images or tokens) and
+        `EngineBusy` when the line is full; failures after this point come out of the Reply."""
+        handle = self.handle
+        prompt = conv.prompt_for_turns(handle.processor, turns, self.limits, handle.context_tokens,
+                                       params.max_new_tokens, load, new=new)
+        inputs = conv.encode(handle.processor, prompt.messages)
+        n_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
+        # Images are told apart by content (hashed here, off the model's thread); not needed with reuse off.
+        keys = reuse.image_keys(inputs) if handle.reuse.enabled else [""] * n_images
+        spans = reuse.image_spans(inputs["input_ids"][0], handle.model.config.image_token_id,
+                                  int(handle.processor.num_image_tokens), keys)
+        request = Request(handle.model, handle.processor.tokenizer, inputs, keys, spans, params, tuple(stop),
+                          record_logits)
+        self.scheduler.add(request)
+        return Reply(self, request, prompt)
+
+
+class Reply:
+    """The consumer's side of one request: text increments, live stats, cancel. Closing it cancels."""
+
+    def __init__(self, engine: Engine, request: Request, prompt: conv.Prompt):
+        self.engine, self.request, self.prompt = engine, request, prompt
+        self.timeout_s = engine.limits.token_timeout_s
+        self._last_seen = time.monotonic()
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.request.stats
+
+    @property
+    def inputs(self) -> Any:
+        """The processor's tensors for this prompt (the inspector's views are made from them)."""
+        return self.request.inputs
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's word: 'length' when max_new_tokens cut the reply, else 'stop'."""
+        return "length" if self.stats.stop_reason == "length" else "stop"
+
+    def cancel(self) -> None:
+        """Stop this request only (at its next step; a waiting one leaves the line)."""
+        if not self.request.finished:
+            self.request.cancel()
+            self.engine.scheduler.wake()
+
+    def close(self) -> None:
+        if not self.request.finished:
+            self.stats.stop_reason = "stopped"
+        self.cancel()
+
+    def __enter__(self) -> Reply:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading
+
+    def _item(self, timeout: float) -> Any:
+        """The next output item, None when nothing came within `timeout`; raises on a stall."""
+        scheduler = self.engine.scheduler
+        if scheduler.inline:
+            scheduler.drive(lambda: not self.request.out.empty() or self.request.finished)
+        try:
+            item = self.request.out.get(timeout=timeout)
+        except queue.Empty:
+            self._check_stall()
+            return None
+        self._last_seen = time.monotonic()
+        return item
+
+    def _check_stall(self) -> None:
+        progress = max(self.engine.scheduler.heartbeat, self._last_seen)
+        if time.monotonic() - progress > self.timeout_s and not self.request.finished:
+            self.request.cancel()
+            self.engine.scheduler.wake()
+            self.stats.stop_reason = "timeout"
+            raise GenerationTimeout(f"Generation stalled: the model made no progress for {self.timeout_s:.0f} s "
+                                    "(no new token, no step of reading the prompt), so the reply was stopped.")
+
+    def _end(self) -> None:
+        error = self.request.error
+        if error is None:
+            return
+        if isinstance(error, GenerationError):
+            raise error
+        raise GenerationError(f"Generation failed: {type(error).__name__}: {error}") from error
+
+    def updates(self, poll_s: float = POLL_S) -> Iterator[str | None]:
+        """Text increments, and None every `poll_s` while nothing arrives (to refresh a place in line)."""
+        try:
+            while True:
+                item = self._item(poll_s)
+                if item is DONE:
+                    break
+                yield item
+            self._end()
+        finally:
+            self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.updates():
+            if piece is not None:
+                yield piece
+
+    async def aiter(self, poll_s: float = POLL_S) -> AsyncIterator[str]:
+        """Text increments for an asyncio consumer, without holding a thread while it waits."""
+        if self.engine.scheduler.inline:
+            while (piece := await asyncio.to_thread(self._item, poll_s)) is not DONE:
+                if piece is not None:
+                    yield piece
+            self._end()
+            return
+        loop, arrived = asyncio.get_running_loop(), asyncio.Event()
+        self.request.notify = lambda: loop.call_soon_threadsafe(arrived.set)
+        try:
+            while True:
+                arrived.clear()
+                while True:
+                    try:
+                        item = self.request.out.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._last_seen = time.monotonic()
+                    if item is DONE:
+                        self._end()
+                        return
+                    yield item
+                try:
+                    await asyncio.wait_for(arrived.wait(), poll_s)
+                except TimeoutError:
+                    self._check_stall()
+        finally:
+            self.request.notify = None
+            self.close()
+
+
+class Prefetcher:
+    """Encodes images attached in the UI while the model is idle, so their features wait in the reuse
+    cache when the user presses Enter (on the 7B's CPU path an image costs ~5 s to encode).
+
+    Loading and preprocessing run on this prefetcher's thread; the encode itself is a background job of
+    the scheduler, which runs it only when no reply runs or waits, so it never delays a reply. A job
+    older than `max_wait_s` is dropped. Images it cannot load are skipped: the reply names the problem.
+    """
+
+    def __init__(self, engine: Engine, load: Callable[[str], Any], max_wait_s: float = 300.0):
+        self.engine = engine
+        self._load = load
+        self._max_wait_s = max_wait_s
+        self._jobs: queue.Queue[tuple[str, float]] = queue.Queue(maxsize=64)
+        self._seen: OrderedDict[str, float] = OrderedDict()  # path → when it was queued (deduplicates events)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.encoded = 0  # images this prefetcher encoded (for the meters' tests and logs)
+
+    def submit(self, paths: Iterable[str]) -> int:
+        """Queue images for encoding; returns how many were new. Never blocks."""
+        if not self.engine.handle.reuse.enabled:
+            return 0
+        queued, now = 0, time.monotonic()
+        with self._lock:
+            for path in paths:
+                if path in self._seen and now - self._seen[path] < self._max_wait_s:
+                    continue
+                try:
+                    self._jobs.put_nowait((path, now))
+                except queue.Full:
+                    break  # a flood of attachments: the rest are encoded when their reply needs them
+                self._seen[path] = now
+                self._seen.move_to_end(path)
+                while len(self._seen) > 256:
+                    self._seen.popitem(last=False)
+                queued += 1
+            if queued and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dsvl-prefetch", daemon=True)
+                self._thread.start()
+        return queued
+
+    def _run(self) -> None:
+        while True:
+            path, queued_at = self._jobs.get()
+            try:
+                self._prepare(path, queued_at + self._max_wait_s)
+            except Exception:  # noqa: BLE001 - background help only: the reply path reports real errors
+                log.exception("preparing %s ahead of its reply failed", path)
+
+    def _prepare(self, path: str, deadline: float) -> None:
+        handle = self.engine.handle
+        try:
+            image = self._load(path)
+        except ValueError:  # ImageRejected and the like: the reply will name the problem
+            return
+        pixels = handle.processor.image_processor(images=[image], return_tensors="pt")
+        key = reuse.image_keys(pixels)[0]
+
+        def encode() -> None:
+            if time.monotonic() > deadline or handle.reuse.get_features(key) is not None:
+                return
+            features = reuse.encode_images(handle.model, model_inputs(handle.model, pixels))
+            handle.reuse.put_features(key, features[0])
+            self.encoded += 1
+
+        self.engine.scheduler.add_background(encode)

@@ -1,0 +1,147 @@
+"""The keys/values of the replies being decoded together: one row per reply, each at its own position.
+
+transformers' `StaticCache` writes every row of a batch at one shared position, so it cannot hold
+replies that started at different times. `SlotPool` keeps, per decoder layer, keys and values of shape
+`[rows, kv_heads, length, head_dim]`; a forward over rows `[start, end)` writes each row's new key and
+value at that row's own position and attends over the first `view_len` positions (the caller passes
+per-row `position_ids` and a 4D mask, which transformers uses as it is).
+
+Rows `[0, n)` are the replies decoding now, so a batched step runs its matrix products on exactly
+them; a reply that ends leaves by moving the last row into its place. The pool grows when a reply
+joins (layer by layer, so the extra memory at that moment is one layer's), shrinks to what the rows
+need at the next join, and is freed when the last reply leaves. Positions past a row's length hold stale but finite values, which its mask hides.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .reuse import KV
+
+ALIGN = 256  # the pool's length grows in steps of this many positions
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(decoder layers, key/value heads, head dim) of a model's text config."""
+    text = config.get_text_config()
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return int(text.num_hidden_layers), int(heads), int(head_dim)
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    layers, heads, head_dim = kv_shape(config)
+    return 2 * layers * heads * head_dim * dtype.itemsize
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One decoder layer's cache for a forward over some rows of the pool."""
+
+    is_compileable = False
+
+    def __init__(self, pool: SlotPool, index: int):
+        super().__init__()
+        self.pool, self.index = pool, index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # the pool allocates
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return self.pool._update(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.pool.view_len, 0
+
+    def get_seq_length(self) -> int:
+        return 0  # never asked for: the engine always passes position_ids and a 4D mask
+
+    def get_max_length(self) -> int:
+        return self.pool.length
+
+
+class SlotPool:
+    """Per-row keys/values of the replies being decoded; see the module docstring. One thread uses it."""
+
+    def __init__(self, config: Any, device: torch.device, dtype: torch.dtype):
+        self.n_layers, self.heads, self.head_dim = kv_shape(config)
+        self.device, self.dtype = device, dtype
+        self.bytes_per_token = kv_bytes_per_token(config, dtype)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.rows = 0  # allocated
+        self.length = 0  # allocated positions per row
+        self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(self.n_layers)])
+        # The forward being run: rows [start, end), each row's write position, the attended length.
+        self._start, self._end = 0, 0
+        self._positions = torch.zeros(0, dtype=torch.long)
+        self.view_len = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.length * self.bytes_per_token
+
+    def bytes_for(self, rows: int, length: int) -> int:
+        """What the pool would take holding `rows` rows of at least `length` positions."""
+        return rows * self._aligned(length) * self.bytes_per_token
+
+    @staticmethod
+    def _aligned(length: int) -> int:
+        return -(-length // ALIGN) * ALIGN if length else 0
+
+    def resize(self, rows: int, length: int, used_rows: int, used_length: int) -> None:
+        """Exactly `rows` rows of `length` positions (rounded up), keeping rows `[0, used_rows)` up to
+        `used_length`: grown when a reply joins, shrunk to what the replies decoding need."""
+        length = self._aligned(length)
+        if rows == self.rows and length == self.length:
+            return
+        shape = (rows, self.heads, length, self.head_dim)
+        for tensors in (self.keys, self.values):
+            for i in range(self.n_layers):
+                # Zeros, not empty: a masked position must hold a finite value (0 × NaN is NaN in attention).
+                resized = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if i < len(tensors):
+                    resized[:used_rows, :, :used_length] = tensors[i][:used_rows, :, :used_length]
+                    tensors[i] = resized  # the old layer goes now: one layer's extra memory at a time
+                else:
+                    tensors.append(resized)
+        self.rows, self.length = rows, length
+
+    def free(self) -> None:
+        """Give all the memory back (no reply is decoding)."""
+        self.keys, self.values = [], []
+        self.rows = self.length = 0
+
+    def write(self, row: int, kv: KV | list, length: int) -> None:
+        """Row `row` takes the first `length` positions of per-layer (keys, values) `[1, heads, *, dim]`."""
+        for i, (keys, values) in enumerate(kv):
+            self.keys[i][row, :, :length] = keys[0, :, :length]
+            self.values[i][row, :, :length] = values[0, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Row `dst` takes row `src`'s first `length` positions (a reply leaving makes room this way)."""
+        for tensors in (self.keys, self.values):
+            for layer in tensors:
+                layer[dst, :, :length] = layer[src, :, :length]
+
+    def read(self, row: int, length: int) -> KV:
+        """Compact copies of row `row`'s first `length` positions, per layer (for the reuse cache)."""
+        return tuple((k[row: row + 1, :, :length].clone(), v[row: row + 1, :, :length].clone())
+                     for k, v in zip(self.keys, self.values, strict=True))
+
+    def view(self, start: int, end: int, positions: torch.Tensor, view_len: int) -> Cache:
+        """The cache for a forward over rows `[start, end)`: row `start + i` writes at `positions[i]` and
+        attends over the first `view_len` positions (with one row, its own capacity: what a reply alone
+        would attend over, so its numbers are those of a reply alone)."""
+        self._start, self._end, self._positions, self.view_len = start, end, positions, view_len
+        return self.cache
+
+    def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        rows = torch.arange(self._start, self._end, device=self.device)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[rows, :, self._positions] = key_states[:, :, 0]
+        values[rows, :, self._positions] = value_states[:, :, 0]
+        return (keys[self._start: self._end, :, : self.view_len], values[self._start: self._end, :, : self.view_len])
