@@ -8,8 +8,10 @@ per-row `position_ids` and a 4D mask, which transformers uses as it is).
 
 Rows `[0, n)` are the replies decoding now, so a batched step runs its matrix products on exactly
 them; a reply that ends leaves by moving the last row into its place. The pool grows when a reply
-joins (layer by layer, so the extra memory at that moment is one layer's), shrinks to what the rows
-need at the next join, and is freed when the last reply leaves. Positions past a row's length hold stale but finite values, which its mask hides.
+joins and no row is free (layer by layer, so the extra memory at that moment is one layer's; the
+scheduler grows it by more than one row when the budget allows, so that joins rarely copy it) and is
+freed when the last reply leaves. Positions past a row's length hold zeros or stale but finite values,
+which its mask hides.
 """
 
 from __future__ import annotations
@@ -66,9 +68,12 @@ class _SlotLayer(CacheLayerMixin):
 class SlotPool:
     """Per-row keys/values of the replies being decoded; see the module docstring. One thread uses it."""
 
-    def __init__(self, config: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: Any, device: torch.device, dtype: torch.dtype,
+                 layer_devices: list[torch.device] | None = None):
         self.n_layers, self.heads, self.head_dim = kv_shape(config)
         self.device, self.dtype = device, dtype
+        # Each layer's keys/values live where that layer runs (a model spread over several GPUs).
+        self.layer_devices = layer_devices or [device] * self.n_layers
         self.bytes_per_token = kv_bytes_per_token(config, dtype)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -93,18 +98,19 @@ class SlotPool:
         return -(-length // ALIGN) * ALIGN if length else 0
 
     def resize(self, rows: int, length: int, used_rows: int, used_length: int) -> None:
-        """Exactly `rows` rows of `length` positions (rounded up), keeping rows `[0, used_rows)` up to
-        `used_length`: grown when a reply joins, shrunk to what the replies decoding need."""
+        """`rows` rows of `length` positions (rounded up), keeping rows `[0, used_rows)` up to `used_length`."""
         length = self._aligned(length)
         if rows == self.rows and length == self.length:
             return
         shape = (rows, self.heads, length, self.head_dim)
         for tensors in (self.keys, self.values):
             for i in range(self.n_layers):
-                # Zeros, not empty: a masked position must hold a finite value (0 × NaN is NaN in attention).
-                resized = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                # Not zeroed (that alone cost a second per join on a CPU): every position a row may attend
+                # is written or zeroed (here for the rows kept, in `write` for a row joining).
+                resized = torch.empty(shape, dtype=self.dtype, device=self.layer_devices[i])
                 if i < len(tensors):
                     resized[:used_rows, :, :used_length] = tensors[i][:used_rows, :, :used_length]
+                    resized[:used_rows, :, used_length:] = 0
                     tensors[i] = resized  # the old layer goes now: one layer's extra memory at a time
                 else:
                     tensors.append(resized)
@@ -116,10 +122,12 @@ class SlotPool:
         self.rows = self.length = 0
 
     def write(self, row: int, kv: KV | list, length: int) -> None:
-        """Row `row` takes the first `length` positions of per-layer (keys, values) `[1, heads, *, dim]`."""
+        """Row `row` takes the first `length` positions of per-layer (keys, values) `[1, heads, *, dim]`; the rest
+        of the row is zeroed: masked positions are still read, and 0 × NaN would be NaN in attention."""
         for i, (keys, values) in enumerate(kv):
-            self.keys[i][row, :, :length] = keys[0, :, :length]
-            self.values[i][row, :, :length] = values[0, :, :length]
+            for pool, new in ((self.keys[i], keys), (self.values[i], values)):
+                pool[row, :, :length] = new[0, :, :length].to(pool.device)
+                pool[row, :, length:] = 0
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Row `dst` takes row `src`'s first `length` positions (a reply leaving makes room this way)."""
@@ -140,8 +148,9 @@ class SlotPool:
         return self.cache
 
     def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        rows = torch.arange(self._start, self._end, device=self.device)
         keys, values = self.keys[layer], self.values[layer]
-        keys[rows, :, self._positions] = key_states[:, :, 0]
-        values[rows, :, self._positions] = value_states[:, :, 0]
+        rows = torch.arange(self._start, self._end, device=keys.device)
+        positions = self._positions.to(keys.device)
+        keys[rows, :, positions] = key_states[:, :, 0]
+        values[rows, :, positions] = value_states[:, :, 0]
         return (keys[self._start: self._end, :, : self.view_len], values[self._start: self._end, :, : self.view_len])

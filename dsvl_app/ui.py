@@ -35,6 +35,7 @@ EXAMPLES_DIR = ASSETS / "examples"
 # Every refusal the user can fix; anything else is a bug and is logged with its traceback.
 USER_ERRORS = (ImageRejected, conv.ConversationError, GenerationError)
 UI_FRAME_S = 0.05  # the browser gets at most ~20 updates a second; the API gets every increment
+KEEPALIVE_S = 1.0  # a reply waiting in line still yields this often, so that Stop can cancel it
 
 CSS = """
 #inspector-lowres .caption-label, #inspector-highres .caption-label { white-space: normal; }
@@ -287,14 +288,24 @@ class ChatApp:
             sizes = [image.size for image in prompt.images]
             views = image_views(self.handle.processor, reply.inputs, prompt.image_names, sizes,
                                 first_number=prompt.dropped_images + 1)
-        text, sent = "", time.perf_counter()
+        text, sent, status = "", time.perf_counter(), None
         yield Update(text, prompt, reply.stats, views)
         with reply:
             for piece in reply.updates():
                 text += piece or ""
-                if piece is None or time.perf_counter() - sent >= min_interval_s:
-                    sent = time.perf_counter()
-                    yield Update(text, prompt, reply.stats)
+                now = time.perf_counter()
+                if piece is None:
+                    # Nothing new to read: an update only when the place in line or the prompt's progress changed,
+                    # or after KEEPALIVE_S — gradio can cancel a reply (Stop, a closed tab) only between updates.
+                    stats = reply.stats
+                    current = (stats.place_in_line, stats.stop_reason, stats.prefilled_tokens)
+                    if current == status and now - sent < KEEPALIVE_S:
+                        continue
+                    status = current
+                elif now - sent < min_interval_s:
+                    continue
+                sent = now
+                yield Update(text, prompt, reply.stats)
         yield Update(text, prompt, reply.stats)
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
@@ -320,11 +331,8 @@ class ChatApp:
         """
         try:
             params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
-            last = None
             for update in self.stream(self._resolve_urls(message), history or [], params, with_views=False):
-                if update.reply != last:  # not the refreshes of a reply waiting in line
-                    last = update.reply
-                    yield update.reply
+                yield update.reply  # while it waits in line, the same (empty) reply now and then
         except (*USER_ERRORS, ImageUrlError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 

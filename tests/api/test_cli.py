@@ -21,7 +21,8 @@ def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     for flag in ["--model", "--device", "--dtype", "--quantize", "--host", "--port", "--share", "--auth",
-                 "--max-images", "--queue-size", "--concurrency", "DSVL_MODEL"]:
+                 "--max-images", "--queue-size", "--batch", "--batch-decode", "--concurrency", "--generations",
+                 "DSVL_MODEL", "DSVL_BATCH"]:
         assert flag in out.stdout
 
 
@@ -48,9 +49,30 @@ def test_no_arguments_offline_serves_the_bundled_checkpoint_and_says_so(tmp_path
         banner = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "model-banner")
         text = banner["props"]["value"]
         assert "bundled tiny demo checkpoint" in text and "Offline fallback" in text and "cannot be reached" in text
+        assert "up to 4 replies decoded together (default on CPU)" in text  # the banner names the batch
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_waiting_and_reading_are_shown_before_the_first_token():
+    from dsvl_app.engine import GenerationStats
+    from dsvl_app.ui import meters_markdown, ordinal, waiting_note
+
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st"]
+    waiting = GenerationStats(prompt_tokens=700, images=1, place_in_line=2)
+    assert "2nd in line" in waiting_note(waiting)
+    reading = GenerationStats(prompt_tokens=700, images=1, prefilled_tokens=350, stop_reason="prefilling")
+    assert "50% of 700 prompt tokens" in waiting_note(reading)
+    assert waiting_note(GenerationStats(prompt_tokens=700, images=1, stop_reason="running")) == ""
+
+    class Prompt:
+        prompt_tokens, context_tokens, images, image_tokens, dropped_turns, dropped_images = 700, 4096, [1], 576, 0, 0
+
+    assert "| Place in line | 2nd |" in meters_markdown(Prompt, waiting)
+    done = GenerationStats(prompt_tokens=700, images=1, queued_s=3.0, time_to_first_token_s=5.0, stop_reason="eos")
+    assert "5.00 s (3.00 s of it in line)" in meters_markdown(Prompt, done)
 
 
 def test_binding_and_share_warning():

@@ -199,7 +199,9 @@ def test_a_full_line_says_so(strict):
             errors.append(f"{type(exc).__name__}: {exc}")
     for job in jobs:
         job.cancel()
-    wait_no_generation(engine, 5)
+    # gradio_client cancels a job still in gradio's queue only on its side: the server may start it once a worker
+    # frees, and it then runs to its end (2000 tokens) with nobody reading.
+    wait_no_generation(engine, 60)
     refused = [e for e in errors if "busy" in e or "Queue is full" in e]
     assert len(refused) >= 2, errors
 

@@ -219,3 +219,33 @@ def test_a_full_line_is_answered_429(settings, random_handle):
         for t in threads:
             t.join(180)
     assert "ok" in outcomes and any("busy" in o for o in outcomes), outcomes
+
+
+def test_four_streams_at_once_all_start_before_any_ends_and_a_dropped_one_leaves_the_others(open_random,
+                                                                                             random_app_server):
+    """Through the real HTTP stack: four streams sent together are decoded together (the CPU default --batch 4)."""
+    url, client = open_random
+    first, ended, reasons = {}, {}, {}
+
+    def stream(i):
+        response = client.chat.completions.create(
+            model="ckpt", stream=True, max_tokens=300, temperature=1.0, seed=i,
+            messages=[ask(f"Story {i}, please.", EXAMPLES / ("red_circle.png", "blue_square.png")[i % 2])])
+        for n, chunk in enumerate(response):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first.setdefault(i, time.perf_counter())
+            if chunk.choices and chunk.choices[0].finish_reason:
+                reasons[i] = chunk.choices[0].finish_reason
+            if i == 3 and n == 30:
+                response.close()  # this client goes away mid-reply
+                break
+        ended[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert len(first) == 4 and max(first.values()) < min(ended[i] for i in range(3))
+    assert reasons == {0: "length", 1: "length", 2: "length"}
+    assert wait_until(lambda: not replying(random_app_server.engine), 5)

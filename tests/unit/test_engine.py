@@ -198,6 +198,8 @@ def test_out_of_memory_in_a_shared_step_ends_the_newest_joiner(random_handle, im
         if decode_rows(kwargs) == 2 and not failed["done"]:
             failed["done"] = True
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        if decode_rows(kwargs):
+            time.sleep(0.005)  # the first reply is still decoding when the newest joins
 
     with lm_hook(bare, boom):
         newest = engine.submit(turns_of(images["blue"], "Describe it."), replace(GREEDY, max_new_tokens=200))
@@ -293,15 +295,26 @@ def test_answers_asked_together_equal_the_same_questions_asked_alone(handle, mod
     alone_handle = replace(handle, reuse=ReuseCache(0))
     alone = ["".join(engine_for(alone_handle).submit(q, GREEDY)) for q in questions]
     steps = {"max": 0}
+    gate = threading.Event()
 
-    def watch(step, kwargs):  # decode steps slowed a little, so that the replies overlap
+    def watch(step, kwargs):
+        gate.wait(30)  # the first prompt is read only once all four are in line
         rows = decode_rows(kwargs)
         steps["max"] = max(steps["max"], rows)
         if rows:
-            time.sleep(0.01)
+            time.sleep(0.05)  # decode steps slowed a little, so that the replies overlap
 
+    engine = engine_for(alone_handle, decode=mode)
     with lm_hook(handle, watch):
-        _, together = run_together(engine_for(alone_handle, decode=mode), questions, GREEDY)
+        replies = [engine.submit(q, GREEDY) for q in questions]
+        gate.set()
+        together = [None] * len(replies)
+        readers = [threading.Thread(target=lambda i=i: together.__setitem__(i, "".join(replies[i])))
+                   for i in range(len(replies))]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(60)
     assert together == alone and all(together)
     assert steps["max"] >= 2 if mode == "together" else steps["max"] == 1
 

@@ -7,7 +7,6 @@ import pytest
 
 from dsvl_app.fetch import RemoteImageError, RemoteImages, is_public_address
 from dsvl_app.openai_api import ApiError, ImageUrl, parse_request
-from dsvl_app.sampling import StopText
 from tests.conftest import loopback_http
 
 BASE = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
@@ -70,16 +69,6 @@ def test_refusals_name_the_field(fields, status, param, words):
     error = raised.value
     assert error.status == status and error.param == param and words in error.message
     assert set(error.body()["error"]) == {"message", "type", "param", "code"}
-
-
-def test_stop_text_cuts_at_the_first_stop_string_across_pieces():
-    stop = StopText(["</end>", "STOP"])
-    out = [stop.feed(p) for p in ["Hello ", "wor", "ld </e", "nd> more"]]
-    assert "".join(out) == "Hello world " and stop.stopped and stop.feed("x") == ""
-    assert out[2] == "ld "  # "</e" was held back: it could have begun a stop string
-    held = StopText(["STOP"])
-    assert held.feed("a ST") == "a " and held.flush() == "ST" and held.text == "a ST" and not held.stopped
-    assert StopText([]).feed("anything") == "anything"
 
 
 # ---------------------------------------------------------------- remote images

@@ -57,3 +57,22 @@ def test_negative_cache_size_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_settings(["--cache-mb", "-1"], environ={})
     assert "0 turns it off" in capsys.readouterr().err
+
+
+def test_batch_is_one_knob_with_its_old_names():
+    assert parse_settings([], environ={}).batch is None  # chosen at load: 8 on CUDA, 4 on CPU
+    assert parse_settings(["--batch", "6"], environ={}).batch == 6
+    assert parse_settings([], environ={"DSVL_BATCH": "3"}).batch == 3
+    assert parse_settings(["--generations", "2"], environ={}).batch == 2  # old names still work
+    assert parse_settings(["--concurrency", "5"], environ={}).batch == 5
+    assert parse_settings([], environ={"DSVL_GENERATIONS": "2"}).batch == 2
+    assert parse_settings(["--batch", "7"], environ={"DSVL_CONCURRENCY": "2"}).batch == 7  # the flag wins
+    assert parse_settings([], environ={}).batch_decode == "auto"
+    assert parse_settings(["--batch-decode", "rows"], environ={}).batch_decode == "rows"
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--batch-decode", "sometimes"], ["--generations", "-1"]])
+def test_bad_batch_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, environ={})
+    assert "error" in capsys.readouterr().err
