@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    logging.getLogger("dsvl_app").info("serving: %s", engine.describe())
+    logging.getLogger("dsvl_app").info("serving: %s; /v1 requests without sampling settings get %s (the checkpoint's "
+                                       "generation config)", engine.describe(), engine.sampling_defaults)
     demo = build_demo(settings, engine)
     demo.launch(**launch_kwargs(settings, engine))
     return 0

@@ -28,7 +28,7 @@ from . import reuse
 from .media import load_image
 from .model import ModelHandle
 from .request import DONE, EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, Request
-from .sampling import GenerationError, GenerationParams
+from .sampling import GenerationError, GenerationParams, checkpoint_defaults
 from .scheduler import Scheduler, model_inputs
 from .settings import Limits, Settings
 
@@ -67,6 +67,9 @@ class Engine:
             self.batch, self.batch_reason = batch, "as asked"
         self.scheduler = Scheduler(handle, self.batch, handle.kv_budget_bytes, settings.queue_size,
                                    decode or settings.batch_decode, chunk_tokens, inline=settings.zero_gpu)
+        # What a request that leaves sampling unset gets (the checkpoint's generation config), and the token ids.
+        self.sampling_defaults = checkpoint_defaults(handle.model.generation_config)
+        self.vocab_size = int(handle.model.config.get_text_config().vocab_size)
 
     def describe(self) -> str:
         """One line for the banner: how many replies run at once and how they are decoded."""

@@ -39,12 +39,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
 MAX_STOP_STRINGS = 4
-# Accepted besides the ones with a meaning below; each must hold its neutral value (checked in parse_request).
-NEUTRAL_FIELDS = {"n": 1, "logprobs": False, "frequency_penalty": 0, "presence_penalty": 0}
-IGNORED_FIELDS = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}  # bookkeeping fields with no effect on a reply
-MEANINGFUL_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                     "temperature", "top_p", "seed", "stop", "repetition_penalty", "response_format", "tools",
-                     "tool_choice", "functions", "function_call", "top_logprobs", "logit_bias"}
+MAX_LOGIT_BIAS = 300  # as OpenAI
+# Other servers' names for the same thing (Ollama's and Open WebUI's "Advanced Params", llama.cpp).
+ALIASES = {"repeat_penalty": "repetition_penalty", "num_predict": "max_tokens"}
+# Everything a request may hold that changes this server's reply; any other field is ignored and reported
+# (the X-Ignored-Fields header and the log), as vLLM does: a client's default request must never fail for it.
+USED_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+               "top_p", "top_k", "min_p", "seed", "stop", "repetition_penalty", "logit_bias", "n", "logprobs",
+               "top_logprobs", "response_format", "tool_choice", "function_call", *ALIASES}
 
 
 class ApiError(Exception):
@@ -87,6 +89,7 @@ class ChatRequest:
     include_usage: bool = False
     stop: tuple[str, ...] = ()
     model: str = ""
+    ignored: tuple[str, ...] = ()  # fields accepted without effect (reported to the client and in the log)
 
 
 def _text_parts(content: Any, where: str, images: bool) -> list[str | dict]:
@@ -159,27 +162,68 @@ def _number(body: Mapping, name: str, kind: type, low: float, high: float, defau
     return kind(value)
 
 
-def parse_request(body: Any, model_id: str, max_new_tokens_cap: int) -> ChatRequest:
-    """Validate a /v1/chat/completions body; refusals name the field, in OpenAI's error shape."""
-    if not isinstance(body, Mapping):
-        raise _invalid("The request body must be a JSON object")
-    unknown = sorted(set(body) - MEANINGFUL_FIELDS - set(NEUTRAL_FIELDS) - IGNORED_FIELDS)
-    if unknown:
-        raise _invalid(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter")
-    for name, neutral in NEUTRAL_FIELDS.items():
-        value = body.get(name)
-        if value is not None and value != neutral:
-            hint = {"n": "one choice per request; send n requests for n replies",
-                    "frequency_penalty": "use 'repetition_penalty' (0.5-2, 1 = off) instead",
-                    "presence_penalty": "use 'repetition_penalty' (0.5-2, 1 = off) instead",
-                    "logprobs": "log-probabilities are not returned"}[name]
-            raise _invalid(f"'{name}' = {value!r} is not supported: {hint}", name, "unsupported_value")
-    for name in ("tools", "functions", "top_logprobs", "logit_bias", "tool_choice", "function_call"):
-        if body.get(name) not in (None, [], {}, "none"):
-            raise _invalid(f"'{name}' is not supported by DeepSeek-VL", name, "unsupported_parameter")
+def _refuse_unhonourable(body: Mapping) -> None:
+    """Fields whose meaning a client relies on and this model cannot give: refused, never silently ignored."""
+    if body.get("n") not in (None, 1):
+        raise _invalid(f"'n' = {body['n']!r} is not supported: one choice per request; send n requests for n replies",
+                       "n", "unsupported_value")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
+        name = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
+        raise _invalid(f"'{name}' is not supported: log-probabilities are not returned", name, "unsupported_value")
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
-        raise _invalid("Only response_format {'type': 'text'} is supported", "response_format", "unsupported_value")
+        raise _invalid("Only response_format {'type': 'text'} is supported: DeepSeek-VL cannot be held to JSON or a "
+                       "schema", "response_format", "unsupported_value")
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise _invalid(f"tool_choice {choice!r} asks for a tool call, and DeepSeek-VL cannot call tools (it has no "
+                       "tool-calling format): send tool_choice 'auto' or 'none', or no tools", "tool_choice",
+                       "unsupported_value")
+    call = body.get("function_call")
+    if call not in (None, "auto", "none"):
+        raise _invalid(f"function_call {call!r} asks for a function call, and DeepSeek-VL cannot call functions: send "
+                       "'auto' or 'none', or no functions", "function_call", "unsupported_value")
+    for name in ("tools", "functions"):
+        if body.get(name) is not None and not isinstance(body[name], list):
+            raise _invalid(f"'{name}' must be a list", name)
+
+
+def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or len(value) > MAX_LOGIT_BIAS:
+        raise _invalid(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids → bias", "logit_bias")
+    bias = []
+    for token, amount in value.items():
+        if not str(token).isdigit() or isinstance(amount, bool) or not isinstance(amount, (int, float)):
+            raise _invalid("'logit_bias' maps token ids (as strings) to numbers", "logit_bias")
+        if not -100 <= amount <= 100 or (vocab_size is not None and int(token) >= vocab_size):
+            raise _invalid(f"'logit_bias' {token}: {amount} — ids must be below {vocab_size}, biases between -100 and 100",
+                           "logit_bias")
+        bias.append((int(token), float(amount)))
+    return tuple(sorted(bias))
+
+
+def parse_request(body: Any, model_id: str, max_new_tokens_cap: int, defaults: Mapping[str, Any] | None = None,
+                  vocab_size: int | None = None) -> ChatRequest:
+    """Validate a /v1/chat/completions body; refusals name the field, in OpenAI's error shape.
+
+    `defaults`: the sampling a request gets for what it leaves out (the checkpoint's generation config).
+    Other servers' names (`repeat_penalty`, ...) are mapped; fields with no effect here are listed in `ignored`.
+    """
+    if not isinstance(body, Mapping):
+        raise _invalid("The request body must be a JSON object")
+    body = dict(body)
+    for alias, name in ALIASES.items():
+        if body.get(alias) is not None:
+            if body.get(name) is not None and body[name] != body[alias]:
+                raise _invalid(f"'{alias}' and '{name}' are the same setting and disagree; send one", alias)
+            body[name] = body.pop(alias)
+        else:
+            body.pop(alias, None)
+    ignored = sorted(name for name in body if name not in USED_FIELDS and body[name] is not None)
+    ignored = [name for name in ignored if name not in ("frequency_penalty", "presence_penalty") or body[name] != 0]
+    _refuse_unhonourable(body)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("'model' is required: GET /v1/models lists it", "model")
@@ -190,23 +234,29 @@ def parse_request(body: Any, model_id: str, max_new_tokens_cap: int) -> ChatRequ
     if not isinstance(stream, bool):
         raise _invalid("'stream' must be true or false", "stream")
     options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, Mapping) or set(options) - {"include_usage"}):
+    if options is not None and (not stream or not isinstance(options, Mapping)):
         raise _invalid("'stream_options' ({'include_usage': bool}) is only allowed with stream: true", "stream_options")
+    ignored += [f"stream_options.{key}" for key in sorted(options or {}) if key != "include_usage"]
     tokens_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, tokens_name, int, 1, max_new_tokens_cap, min(DEFAULT_MAX_TOKENS, max_new_tokens_cap))
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise _invalid(f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS}", "stop")
+    defaults = {"temperature": 1.0, "top_p": 1.0, **(defaults or {})}
+    top_k_limit = vocab_size or 2**31
     params = GenerationParams(
         max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", float, 0, 2, 1.0),  # OpenAI's defaults, not the UI's greedy
-        top_p=_number(body, "top_p", float, 0, 1, 1.0) or 1e-6,
+        temperature=_number(body, "temperature", float, 0, 2, defaults["temperature"]),
+        top_p=_number(body, "top_p", float, 0, 1, defaults["top_p"]) or 1e-6,
+        top_k=_number(body, "top_k", int, 0, top_k_limit, defaults.get("top_k")),
+        min_p=_number(body, "min_p", float, 0, 1, None),
         repetition_penalty=_number(body, "repetition_penalty", float, 0.5, 2, 1.0),
         seed=_number(body, "seed", int, 0, 2**63 - 1, None),
+        token_bias=_logit_bias(body.get("logit_bias"), vocab_size),
     )
     return ChatRequest(parse_messages(body.get("messages")), params, stream,
-                       bool((options or {}).get("include_usage")), stops, model)
+                       bool((options or {}).get("include_usage")), stops, model, tuple(ignored))
 
 
 def completion_body(request_id: str, created: int, model: str, text: str, finish: str, usage: dict) -> dict:
@@ -335,36 +385,50 @@ class Api:
         log.exception("unexpected /v1 failure", exc_info=exc)
         return ApiError(500, f"Internal error: {type(exc).__name__}: {exc}", "server_error")
 
-    async def complete(self, request: Request) -> Any:
+    async def complete(self, request: Request, access: Access) -> Any:
         self.authorize(request)
-        chat = parse_request(await self.read_body(request), self.model_id, self.settings.limits.max_new_tokens)
+        engine = self.engine
+        chat = parse_request(await self.read_body(request), self.model_id, self.settings.limits.max_new_tokens,
+                             engine.sampling_defaults, engine.vocab_size)
+        access.stream, access.ignored = chat.stream, chat.ignored
         turns, labels = await self.turns(chat, request)
         reply = _Reply(await asyncio.to_thread(self.start, turns, labels, chat), request)
+        access.reply = reply.reply
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # What was accepted without effect, for the client (and the log): nothing is dropped silently.
+        headers = {"X-Ignored-Fields": ", ".join(chat.ignored)} if chat.ignored else {}
         if chat.stream:
-            return StreamingResponse(self._events(reply, chat, request_id, created),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            access.deferred = True  # logged when the stream ends
+            return StreamingResponse(self._events(reply, chat, request_id, created, access),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         try:
             async for _ in reply.pieces():
                 pass
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape
             return self.failure(exc).response()
         return JSONResponse(completion_body(request_id, created, chat.model, reply.text, reply.finish_reason(),
-                                            reply.usage()))
+                                            reply.usage()), headers=headers)
 
-    async def _events(self, reply: _Reply, chat: ChatRequest, request_id: str, created: int) -> AsyncIterator[str]:
-        yield sse(chunk_body(request_id, created, chat.model, {"role": "assistant", "content": ""}))
+    async def _events(self, reply: _Reply, chat: ChatRequest, request_id: str, created: int,
+                      access: Access) -> AsyncIterator[str]:
+        status = 200
         try:
-            async for text in reply.pieces():
-                yield sse(chunk_body(request_id, created, chat.model, {"content": text}))
-        except Exception as exc:  # noqa: BLE001 - the status line is sent: report it as an error event
-            yield sse(self.failure(exc).body())
+            yield sse(chunk_body(request_id, created, chat.model, {"role": "assistant", "content": ""}))
+            try:
+                async for text in reply.pieces():
+                    yield sse(chunk_body(request_id, created, chat.model, {"content": text}))
+            except Exception as exc:  # noqa: BLE001 - the status line is sent: report it as an error event
+                error = self.failure(exc)
+                status, access.refusal = error.status, (error.param, error.message)
+                yield sse(error.body())
+                yield sse("[DONE]")
+                return
+            yield sse(chunk_body(request_id, created, chat.model, {}, reply.finish_reason()))
+            if chat.include_usage:
+                yield sse(chunk_body(request_id, created, chat.model, {}, usage=reply.usage(), choices=False))
             yield sse("[DONE]")
-            return
-        yield sse(chunk_body(request_id, created, chat.model, {}, reply.finish_reason()))
-        if chat.include_usage:
-            yield sse(chunk_body(request_id, created, chat.model, {}, usage=reply.usage(), choices=False))
-        yield sse("[DONE]")
+        finally:
+            access.done(status)
 
     def models(self, request: Request) -> dict:
         self.authorize(request)
@@ -411,15 +475,47 @@ class _Reply:
         return self.reply.finish_reason
 
 
+class Access:
+    """One line in the app's log per /v1 request: status, time, tokens, images, what was ignored, and for a
+    refusal the field and the reason. Never the key, never image data."""
+
+    def __init__(self, method: str, path: str):
+        self.method, self.path, self.t0 = method, path, time.perf_counter()
+        self.stream, self.ignored, self.reply, self.refusal = False, (), None, None
+        self.deferred, self._logged = False, False
+
+    def done(self, status: int) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        parts = [f"{self.method} {self.path} {status}", f"{time.perf_counter() - self.t0:.2f} s"]
+        if self.reply is not None:
+            stats = self.reply.stats
+            parts.append(f"{stats.prompt_tokens} prompt + {stats.new_tokens} completion tokens, {stats.images} image(s), "
+                         f"{'stream' if self.stream else 'one response'}, ended: {stats.stop_reason}")
+        if self.ignored:
+            parts.append("ignored: " + ", ".join(self.ignored))
+        if self.refusal is not None:
+            param, message = self.refusal
+            parts.append(f"refused{f' {param!r}' if param else ''}: {message}")
+        log.info(" · ".join(parts))
+
+
 def router(api: Api) -> APIRouter:
-    """The /v1 routes; every failure is answered in OpenAI's error shape."""
+    """The /v1 routes; every failure is answered in OpenAI's error shape, every request is logged."""
     routes = APIRouter()
 
     async def guarded(call: Callable, request: Request):
+        access = Access(request.method, request.url.path)
         try:
-            result = await call(request)
+            result = await call(request, access)
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape
-            return api.failure(exc).response()
+            error = api.failure(exc)
+            access.refusal = (error.param, error.message)
+            access.done(error.status)
+            return error.response()
+        if not access.deferred:
+            access.done(getattr(result, "status_code", 200))
         return result
 
     @routes.post("/v1/chat/completions")
@@ -428,14 +524,17 @@ def router(api: Api) -> APIRouter:
 
     @routes.get("/v1/models")
     async def models(request: Request):
-        async def call(req: Request):
+        async def call(req: Request, access: Access):
             return JSONResponse(api.models(req))
 
         return await guarded(call, request)
 
     @routes.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
-    async def unknown(rest: str):
-        return ApiError(404, f"Unknown endpoint /v1/{rest}: this server has /v1/chat/completions and /v1/models",
-                        code="unknown_url").response()
+    async def unknown(request: Request, rest: str):
+        async def call(req: Request, access: Access):
+            raise ApiError(404, f"Unknown endpoint /v1/{rest}: this server has /v1/chat/completions and /v1/models",
+                           code="unknown_url")
+
+        return await guarded(call, request)
 
     return routes

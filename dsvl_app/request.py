@@ -98,6 +98,7 @@ class Request:
         self.notify: Any = None  # set by an async consumer: called (from the engine's thread) after each put
         self.cancelled = threading.Event()
         self._ended = False
+        self._text_started = False
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         # Scheduler-owned state while it runs.
@@ -150,7 +151,7 @@ class Request:
             stats.stop_reason = "running"
         stats.decode_s = now - self.first_token_at
         stats.total_s = now - self.submitted_at
-        if piece := self.stop.feed(self.text.put(token)):
+        if piece := self.stop.feed(self._reply_text(self.text.put(token))):
             self._put(piece)
         if self.stop.stopped:
             stats.stop_reason = "stop"
@@ -159,6 +160,14 @@ class Request:
         elif len(self.tokens) >= self.params.max_new_tokens:
             stats.stop_reason = "length"
         return not stats.finished
+
+    def _reply_text(self, piece: str) -> str:
+        """The reply as a reply: without the space the chat template leaves after "Assistant:" (every reply's
+        first token starts with it) — the template strips it too when the turn comes back as history."""
+        if not self._text_started:
+            piece = piece.lstrip()
+            self._text_started = bool(piece)
+        return piece
 
     def history_view(self) -> torch.Tensor:
         return self.history[:, : self.prompt_tokens + len(self.tokens)]
@@ -175,7 +184,7 @@ class Request:
             self.stats.stop_reason = reason
         elif not self.stats.finished:
             self.stats.stop_reason = "stopped"
-        if piece := self.stop.feed(self.text.flush()):
+        if piece := self.stop.feed(self._reply_text(self.text.flush())):
             self._put(piece)
         if piece := self.stop.flush():
             self._put(piece)

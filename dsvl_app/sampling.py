@@ -30,8 +30,11 @@ class GenerationParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    top_k: int | None = None  # when sampling; None: the checkpoint's (transformers' 50), 0: off
+    min_p: float | None = None  # when sampling; None: off
+    token_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
 
-    def validate(self, max_new_tokens_cap: int) -> GenerationParams:
+    def validate(self, max_new_tokens_cap: int, vocab_size: int | None = None) -> GenerationParams:
         """Refuse out-of-range values with a message naming the parameter."""
         if not 1 <= int(self.max_new_tokens) <= max_new_tokens_cap:
             raise GenerationError(f"max_new_tokens must be between 1 and {max_new_tokens_cap}, got {self.max_new_tokens}")
@@ -43,6 +46,15 @@ class GenerationParams:
             raise GenerationError(f"repetition_penalty must be between 0.5 and 2, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= int(self.seed) < 2**63:
             raise GenerationError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.top_k is not None and not 0 <= int(self.top_k) <= (vocab_size or 2**31):
+            raise GenerationError(f"top_k must be between 0 (off) and the vocabulary size, got {self.top_k}")
+        if self.min_p is not None and not 0.0 <= float(self.min_p) <= 1.0:
+            raise GenerationError(f"min_p must be between 0 and 1, got {self.min_p}")
+        for token, bias in self.token_bias:
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise GenerationError(f"logit_bias names token {token}, outside the vocabulary (0-{vocab_size - 1})")
+            if not -100 <= bias <= 100:
+                raise GenerationError(f"logit_bias values must be between -100 and 100, got {bias} for token {token}")
         return self
 
     @property
@@ -59,7 +71,22 @@ class GenerationParams:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
             kwargs.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p))
+            if self.top_k is not None:
+                kwargs["top_k"] = int(self.top_k)
+            if self.min_p:
+                kwargs["min_p"] = float(self.min_p)
+        if self.token_bias:
+            kwargs["sequence_bias"] = {(int(token),): float(bias) for token, bias in self.token_bias}
         return kwargs
+
+
+def checkpoint_defaults(generation_config: Any) -> dict[str, Any]:
+    """What a request that leaves sampling unset gets: the checkpoint's own generation config (as `generate`
+    and vLLM do) — greedy unless it says `do_sample`, then its temperature, top-p and top-k."""
+    if not getattr(generation_config, "do_sample", False):
+        return {"temperature": 0.0, "top_p": 1.0}
+    return {"temperature": float(generation_config.temperature or 1.0), "top_p": float(generation_config.top_p or 1.0),
+            "top_k": generation_config.top_k}
 
 
 def logits_processors(model: Any, params: GenerationParams, prompt_tokens: int) -> LogitsProcessorList:

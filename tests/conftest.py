@@ -86,7 +86,7 @@ def generate_text(handle, inputs, params, **kwargs):
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, disable_compile=True, **kwargs)
     if kwargs:
         return out
-    return tokenizer.decode(out[0, prompt:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, prompt:], skip_special_tokens=True).lstrip()  # replies drop the separator space
 
 
 class Served(tuple):

@@ -120,19 +120,41 @@ def test_seed_makes_sampling_reproducible(open_random):
     ("bad image", dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"just text").decode()}},
         {"type": "text", "text": "What is it?"}]}]), r"Image 1 \(message 1\) is a text file, not an image"),
-    ("unknown field", dict(messages=[{"role": "user", "content": "Hi"}], extra_body={"colour": "red"}),
-     "Unrecognized request argument supplied: colour"),
     ("n=2", dict(messages=[{"role": "user", "content": "Hi"}], n=2), "'n' = 2 is not supported"),
+    ("a forced tool call", dict(messages=[{"role": "user", "content": "Hi"}], tool_choice="required",
+                                tools=[{"type": "function", "function": {"name": "now", "parameters": {}}}]),
+     "DeepSeek-VL cannot call tools"),
     ("over-long prompt", dict(messages=[{"role": "user", "content": "What colour is the shape? " * 800}]),
      "Too many tokens"),
     ("remote URL", dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}]), "--allow-remote-images"),
-    ("penalty", dict(messages=[{"role": "user", "content": "Hi"}], frequency_penalty=0.5), "repetition_penalty"),
 ])
 def test_refusals_are_typed_errors_with_our_message(keyed, kind, call, match):
     with pytest.raises(openai.BadRequestError, match=match) as raised:
         keyed[1].chat.completions.create(model=MODEL, **call)
     assert raised.value.status_code == 400 and raised.value.body["message"]
+
+
+def test_tools_other_servers_fields_and_unknown_ones_get_a_reply_and_a_record(keyed, caplog):
+    """What Open WebUI sends on its defaults (its built-in tools) and with Advanced Params set (Ollama's names)."""
+    url, client = keyed
+    caplog.set_level("INFO", logger="dsvl_app.openai_api")
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[ask("What colour is the shape?", EXAMPLES / "red_circle.png")], temperature=0,
+        tools=[{"type": "function", "function": {"name": "get_current_timestamp", "parameters": {"type": "object"}}}],
+        tool_choice="auto", frequency_penalty=0.5, user="ann",
+        extra_body={"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0, "colour": "red"})
+    reply = raw.parse()
+    message = reply.choices[0].message
+    assert message.content == "The shape is red." and not message.tool_calls  # text, no invented call, no " "
+    assert raw.headers["x-ignored-fields"] == "colour, frequency_penalty, tools, user"
+    line = next(r.getMessage() for r in caplog.records if "POST /v1/chat/completions 200" in r.getMessage())
+    assert "prompt +" in line and "1 image(s)" in line and "ignored: colour, frequency_penalty, tools, user" in line
+    assert KEY not in caplog.text and "base64" not in caplog.text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2)
+    refused = next(r.getMessage() for r in caplog.records if "POST /v1/chat/completions 400" in r.getMessage())
+    assert "refused 'n'" in refused
 
 
 def test_unknown_model_and_endpoint_are_404(keyed):

@@ -13,12 +13,16 @@ BASE = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 def parse(**fields):
-    return parse_request({**BASE, **fields}, "m", 2048)
+    return parse_request({**BASE, **fields}, "m", 2048, vocab_size=1000)
 
 
-def test_defaults_follow_openai_and_fields_map_to_generation():
-    chat = parse()
+def test_unset_sampling_is_the_checkpoints_and_fields_map_to_generation():
+    chat = parse()  # no defaults given: OpenAI's own
     assert chat.params.temperature == 1.0 and chat.params.top_p == 1.0 and chat.params.max_new_tokens == 512
+    greedy = parse_request(BASE, "m", 2048, defaults={"temperature": 0.0, "top_p": 1.0})
+    assert greedy.params.greedy and not greedy.ignored  # a checkpoint that does not sample by default
+    sampled = parse_request({**BASE, "top_p": 0.5}, "m", 2048, defaults={"temperature": 0.6, "top_p": 0.9, "top_k": 40})
+    assert (sampled.params.temperature, sampled.params.top_p, sampled.params.top_k) == (0.6, 0.5, 40)
     chat = parse(temperature=0, max_completion_tokens=30, seed=4, stop="END", stream=True,
                  stream_options={"include_usage": True}, repetition_penalty=1.1, user="ann", n=1, logprobs=False)
     assert (chat.params.temperature, chat.params.max_new_tokens, chat.params.seed) == (0.0, 30, 4)
@@ -39,18 +43,47 @@ def test_messages_keep_their_order_roles_and_images():
     assert chat.messages[3][1] == [ImageUrl("data:c", "Image 3 (message 4)"), "And?"]
 
 
+def test_what_other_clients_send_is_used_mapped_or_ignored_with_a_record():
+    """Open WebUI's defaults (36 tools), its Advanced Params (Ollama's names), LangChain's and others' extras."""
+    chat = parse(tools=[{"type": "function", "function": {"name": "get_current_timestamp"}}], tool_choice="auto",
+                 top_k=20, min_p=0.05, repeat_penalty=1.1, num_predict=64, logit_bias={"7": -100, "9": 5},
+                 frequency_penalty=0.5, presence_penalty=0, reasoning_effort="low", parallel_tool_calls=True,
+                 user="ann", colour="red", stream=True, stream_options={"include_usage": True, "include_obfuscation": 0},
+                 functions=None, function_call="none", n=1, logprobs=False)
+    p = chat.params
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.max_new_tokens) == (20, 0.05, 1.1, 64)
+    assert p.token_bias == ((7, -100.0), (9, 5.0))
+    assert chat.ignored == ("colour", "frequency_penalty", "parallel_tool_calls", "reasoning_effort", "tools", "user",
+                            "stream_options.include_obfuscation")
+    kwargs = p.generate_kwargs()  # what transformers builds the processors from
+    assert kwargs["sequence_bias"] == {(7,): -100.0, (9,): 5.0} and kwargs["top_k"] == 20 and kwargs["min_p"] == 0.05
+
+
 @pytest.mark.parametrize("fields, status, param, words", [
     ({"temperature": 3}, 400, "temperature", "between 0 and 2"),
     ({"max_tokens": 5000}, 400, "max_tokens", "between 1 and 2048"),
     ({"max_tokens": "ten"}, 400, "max_tokens", "an integer"),
     ({"n": 3}, 400, "n", "one choice per request"),
-    ({"presence_penalty": 1}, 400, "presence_penalty", "repetition_penalty"),
+    ({"n": 2}, 400, "n", "one choice per request"),
     ({"logprobs": True}, 400, "logprobs", "not returned"),
-    ({"tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ({"top_logprobs": 3}, 400, "top_logprobs", "not returned"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, 400, "tool_choice", "cannot call tools"),
+    ({"tools": [{"type": "function"}], "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400,
+     "tool_choice", "cannot call tools"),
+    ({"functions": [{"name": "f"}], "function_call": {"name": "f"}}, 400, "function_call", "cannot call functions"),
+    ({"tools": "all of them"}, 400, "tools", "must be a list"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format", "text"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400,
+     "response_format", "schema"),
+    ({"top_k": -1}, 400, "top_k", "between 0"),
+    ({"min_p": 1.5}, 400, "min_p", "between 0 and 1"),
+    ({"repeat_penalty": 5}, 400, "repetition_penalty", "between 0.5 and 2"),
+    ({"repeat_penalty": 1.2, "repetition_penalty": 1.1}, 400, "repeat_penalty", "disagree"),
+    ({"logit_bias": {"50": 200}}, 400, "logit_bias", "between -100 and 100"),
+    ({"logit_bias": {"99999999": 1}}, 400, "logit_bias", "below 1000"),
+    ({"logit_bias": {"word": 1}}, 400, "logit_bias", "token ids"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed with stream"),
-    ({"frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument supplied: frobnicate"),
     ({"model": "other"}, 404, "model", "serves 'm'"),
     ({"messages": []}, 400, "messages", "non-empty"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 400, "messages",
