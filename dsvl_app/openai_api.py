@@ -189,7 +189,7 @@ def _refuse_unhonourable(body: Mapping) -> None:
 
 
 def _logit_bias(value: Any, vocab_size: int | None) -> tuple[tuple[int, float], ...]:
-    if value is None:
+    if value in (None, ""):  # "": Open WebUI's logit_bias switched to Custom and left empty
         return ()
     if not isinstance(value, Mapping) or len(value) > MAX_LOGIT_BIAS:
         raise _invalid(f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids → bias", "logit_bias")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList
 
 
 class GenerationError(RuntimeError):
@@ -82,11 +82,15 @@ class GenerationParams:
 
 def checkpoint_defaults(generation_config: Any) -> dict[str, Any]:
     """What a request that leaves sampling unset gets: the checkpoint's own generation config (as `generate`
-    and vLLM do) — greedy unless it says `do_sample`, then its temperature, top-p and top-k."""
+    and vLLM do) — greedy unless it says `do_sample`, then its temperature and top-p; its top-k when sampling
+    (where it sets none, what `generate` then uses: transformers' 50)."""
+    top_k = getattr(generation_config, "top_k", None)
+    if top_k is None:
+        top_k = GenerationConfig._get_default_generation_params().get("top_k", 50)
     if not getattr(generation_config, "do_sample", False):
-        return {"temperature": 0.0, "top_p": 1.0}
+        return {"temperature": 0.0, "top_p": 1.0, "top_k": int(top_k)}
     return {"temperature": float(generation_config.temperature or 1.0), "top_p": float(generation_config.top_p or 1.0),
-            "top_k": generation_config.top_k}
+            "top_k": int(top_k)}
 
 
 def logits_processors(model: Any, params: GenerationParams, prompt_tokens: int) -> LogitsProcessorList:

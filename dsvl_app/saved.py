@@ -7,7 +7,8 @@ version:
 
     {"format": "dsvl-chat conversation", "version": 1, "exported_at": "2026-12-01T10:00:00Z",
      "title": "...", "model": "deepseek-community/deepseek-vl-7b-chat",
-     "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 0.95, "repetition_penalty": 1.0, "seed": 0},
+     "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 0.95, "repetition_penalty": 1.0, "seed": 0,
+                    "top_k": 50, "min_p": 0.0},
      "messages": [
        {"role": "user", "content": [{"type": "image", "name": "cat.png", "media_type": "image/png", "data": "<base64>"},
                                     {"type": "text", "text": "What is this?"}]},

@@ -64,7 +64,9 @@ JS = """
 THUMBNAIL_PX = 96
 OTHER_EVENTS_AT_ONCE = 4  # queued events other than replies (imports, page loads) served at once
 # The generation sliders, in the order of their components (saved with a conversation, set on import).
-CONTROL_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+# New ones go last: /chat takes them positionally, and older clients leave them out.
+CONTROL_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed", "top_k", "min_p")
+TOP_K_MAX = 500  # the slider's end (the API takes the same range)
 
 
 def _on_gpu(fn):
@@ -256,7 +258,8 @@ class ChatApp:
         check_location(path, self.allowed_roots)
         return load_image(path, limits)
 
-    def params(self, max_new_tokens: Any, temperature: Any, top_p: Any, repetition_penalty: Any, seed: Any) -> GenerationParams:
+    def params(self, max_new_tokens: Any, temperature: Any, top_p: Any, repetition_penalty: Any, seed: Any,
+               top_k: Any = None, min_p: Any = None) -> GenerationParams:
         try:
             params = GenerationParams(
                 max_new_tokens=int(max_new_tokens),
@@ -264,6 +267,8 @@ class ChatApp:
                 top_p=float(top_p),
                 repetition_penalty=float(repetition_penalty),
                 seed=None if seed in (None, "") else int(seed),
+                top_k=None if top_k in (None, "") else int(top_k),
+                min_p=None if min_p in (None, "") else float(min_p),
             )
         except (TypeError, ValueError) as exc:
             raise GenerationError(f"Invalid generation parameter: {exc}") from None
@@ -309,7 +314,8 @@ class ChatApp:
         yield Update(text, prompt, reply.stats)
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
-             repetition_penalty: float, seed: float | None) -> Iterator[str]:
+             repetition_penalty: float, seed: float | None, top_k: float | None = None,
+             min_p: float | None = None) -> Iterator[str]:
         """Ask DeepSeek-VL about one or more images (stateless: send the earlier turns in `history`).
 
         Images go in `message["files"]`, in the order the question refers to them (first, second, ...):
@@ -325,12 +331,14 @@ class ChatApp:
             top_p: nucleus sampling, 0.05 to 1 (only used when temperature > 0).
             repetition_penalty: 1 for none; up to 2 to discourage repeating.
             seed: makes sampling repeatable (any non-negative integer).
+            top_k: sample among the k most likely tokens, 0 (off) to 500 (only used when temperature > 0).
+            min_p: drop tokens less likely than min_p times the most likely one, 0 (off) to 1 (only when temperature > 0).
 
         Returns:
             The assistant's reply.
         """
         try:
-            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
             for update in self.stream(self._resolve_urls(message), history or [], params, with_views=False):
                 yield update.reply  # while it waits in line, the same (empty) reply now and then
         except (*USER_ERRORS, ImageUrlError) as exc:
@@ -356,7 +364,7 @@ class ChatApp:
         return shown, gr.MultimodalTextbox(value=None, interactive=False), message, history
 
     def respond(self, message: dict | None, history_before: list, max_new_tokens, temperature, top_p,
-                repetition_penalty, seed) -> Iterator[tuple]:
+                repetition_penalty, seed, top_k, min_p) -> Iterator[tuple]:
         """Stream the assistant's reply into the chat and the side panel; roll back on refusal."""
         if message is None:  # add_user_message refused it
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(interactive=True), gr.skip()
@@ -364,7 +372,7 @@ class ChatApp:
         shown_user = history_before + display_user_message(message, conv.count_images(history_before) + 1)
         update = None
         try:
-            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed)
+            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
             for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
                 chat = shown_user + [{"role": "assistant", "content": update.reply or waiting_note(update.stats)}]
                 meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
@@ -519,7 +527,8 @@ class ChatApp:
 
     def _controls(self, generation: dict, current: tuple) -> tuple:
         """The sliders set from an imported file's settings, within this server's limits."""
-        bounds = ((1, self.limits.max_new_tokens), (0.0, 2.0), (0.05, 1.0), (0.5, 2.0), (0, 2**63 - 1))
+        bounds = ((1, self.limits.max_new_tokens), (0.0, 2.0), (0.05, 1.0), (0.5, 2.0), (0, 2**63 - 1), (0, TOP_K_MAX),
+                  (0.0, 1.0))
         values = []
         for key, (low, high), now in zip(CONTROL_KEYS, bounds, current, strict=True):
             value = generation.get(key)
@@ -608,6 +617,10 @@ class ChatApp:
             self.repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty",
                                                 elem_id="repetition-penalty")
             self.seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (for sampling)", elem_id="seed")
+            # What other servers offer too (Open WebUI's Advanced Params); the checkpoint's top-k unless changed.
+            top_k = min(self.engine.sampling_defaults["top_k"], TOP_K_MAX)
+            self.top_k = gr.Slider(0, TOP_K_MAX, value=top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
+            self.min_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Min-p (0 = off)", elem_id="min-p")
         self.meters = gr.Markdown(meters_markdown(None, None), elem_id="meters")
         with gr.Accordion("Inspector: what the model sees", open=True):
             self.inspector_low = gr.Gallery(label="Low-res view, 384×384 (SigLIP)", elem_id="inspector-lowres",
@@ -626,7 +639,8 @@ class ChatApp:
             self.api_button = gr.Button("chat")
 
     def _setup_events(self, demo: gr.Blocks) -> None:
-        controls = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty, self.seed]
+        controls = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty, self.seed, self.top_k,
+                    self.min_p]
         private: dict[str, Any] = {"api_visibility": "private"}
         respond = {
             "fn": self.respond,

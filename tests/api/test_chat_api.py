@@ -35,7 +35,8 @@ def test_only_chat_is_exposed(client):
     info = client.view_api(return_format="dict", print_info=False)
     assert list(info["named_endpoints"]) == ["/chat"] and not info["unnamed_endpoints"]
     names = [p["parameter_name"] for p in info["named_endpoints"]["/chat"]["parameters"]]
-    assert names == ["message", "history", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed"]
+    assert names == ["message", "history", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed",
+                     "top_k", "min_p"]  # the newest last: clients that send the first seven keep working
 
 
 def test_streams_a_reply_about_two_images(random_client, random_handle, make_image):
@@ -91,8 +92,24 @@ def test_errors_are_specific_and_the_app_keeps_serving(client, make_image, tmp_p
     assert "at most 4 are allowed per message" in error_of(client, {"text": "x", "files": five})
     assert "Too many tokens" in error_of(client, {"text": "word " * 5000, "files": []})
     assert "greater than maximum value 2" in error_of(client, {"text": "hi", "files": []}, temperature=5)
+    assert "less than minimum value 0" in error_of(client, {"text": "hi", "files": []}, top_k=-1)
     outside = [{"role": "user", "content": {"path": "/etc/hostname"}}, {"role": "assistant", "content": "ok"}]
     assert "not a file uploaded to this app" in error_of(client, {"text": "hi", "files": []}, outside)
     assert "role" in error_of(client, {"text": "hi", "files": []}, [{"role": "system", "content": "x"}])
     final, _ = chat(client, {"text": "Still there?", "files": [handle_file(make_image("ok.png"))]}, [])
     assert isinstance(final, str) and final
+
+
+def test_top_k_and_min_p_shape_sampling(random_client, random_handle):
+    """top_k 1 or min_p 1 leave only the most likely token: sampling then gives the greedy reply; without them
+    the same seed samples another one (random weights spread the probability)."""
+    message = {"text": "Describe a sunset in detail.", "files": []}
+    greedy, _ = chat(random_client, message, [], temperature=0.0)
+    sampled, _ = chat(random_client, message, [], temperature=1.0, top_k=0, top_p=1.0)
+    assert sampled != greedy
+    assert chat(random_client, message, [], temperature=1.0, top_k=1, top_p=1.0)[0] == greedy
+    assert chat(random_client, message, [], temperature=1.0, top_k=0, min_p=1.0, top_p=1.0)[0] == greedy
+    reference = generate_text(random_handle, random_handle.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": message["text"]}]}], add_generation_prompt=True,
+        tokenize=True, return_dict=True, return_tensors="pt"), GenerationParams(**{**SAMPLING, "top_k": 5, "min_p": 0.1}))
+    assert chat(random_client, message, [], top_k=5, min_p=0.1)[0] == reference  # as generate(top_k=5, min_p=0.1)

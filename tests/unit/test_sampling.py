@@ -1,8 +1,9 @@
 """Per-request sampling pieces: text increments as the streamer prints them, stop strings, generate's processors."""
 
 import torch
+from transformers import GenerationConfig
 
-from dsvl_app.sampling import GenerationParams, Sampler, StopText, TextStream, logits_processors
+from dsvl_app.sampling import GenerationParams, Sampler, StopText, TextStream, checkpoint_defaults, logits_processors
 
 
 def test_stop_text_cuts_at_the_first_stop_string_across_pieces():
@@ -49,3 +50,12 @@ def test_a_requests_draws_do_not_depend_on_anything_else(handle):
     torch.manual_seed(42)  # what generate's users do; then generate draws from the default generator
     scores = logits_processors(handle.model, params, 3)(history, logits.clone())
     assert mine[0] == int(torch.multinomial(torch.softmax(scores, -1), 1))
+
+
+def test_what_a_request_gets_for_the_sampling_it_leaves_out_is_the_checkpoints():
+    """A checkpoint that does not sample (the bundled one) answers greedily; one that does gives its own settings;
+    top-k is what generate would use (transformers' 50 where the checkpoint sets none)."""
+    assert checkpoint_defaults(GenerationConfig()) == {"temperature": 0.0, "top_p": 1.0, "top_k": 50}
+    sampling = GenerationConfig(do_sample=True, temperature=0.6, top_p=0.9, top_k=20)
+    assert checkpoint_defaults(sampling) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    assert checkpoint_defaults(GenerationConfig(do_sample=True, temperature=0.7))["top_k"] == 50
