@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from .settings import Limits, Settings
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BATCH_CPU", "DEFAULT_BATCH_CUDA", "Engine", "EngineBusy", "GenerationError", "GenerationParams",
-           "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Reply"]
+           "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Prepared", "Reply", "prepare"]
 
 DEFAULT_BATCH_CUDA = 8  # a decode step for 8 rows costs about one row's on a GPU
 DEFAULT_BATCH_CPU = 4  # CPUs gain little speed from batching; 4 keeps the wait behind others short
@@ -85,19 +86,50 @@ class Engine:
         """Build the prompt for `turns` (the last one the user's; `new` its newest message, checked first) and
         put it in line. Raises the conversation's refusals (bad image, too many images or tokens) and
         `EngineBusy` when the line is full; failures after this point come out of the Reply."""
+        prepared = prepare(self.handle, self.limits, turns, params, new=new, load=load)
+        return self.enqueue(prepared, params, stop, record_logits)
+
+    def enqueue(self, prepared: Prepared, params: GenerationParams, stop: Sequence[str] = (),
+                record_logits: bool = False) -> Reply:
+        """Put a prepared prompt in line (raises `EngineBusy` when the line is full)."""
         handle = self.handle
-        prompt = conv.prompt_for_turns(handle.processor, turns, self.limits, handle.context_tokens,
-                                       params.max_new_tokens, load, new=new)
-        inputs = conv.encode(handle.processor, prompt.messages)
-        n_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
-        # Images are told apart by content (hashed here, off the model's thread); not needed with reuse off.
-        keys = reuse.image_keys(inputs) if handle.reuse.enabled else [""] * n_images
-        spans = reuse.image_spans(inputs["input_ids"][0], handle.model.config.image_token_id,
-                                  int(handle.processor.num_image_tokens), keys)
-        request = Request(handle.model, handle.processor.tokenizer, inputs, keys, spans, params, tuple(stop),
-                          record_logits)
+        request = Request(handle.model, handle.processor.tokenizer, prepared.inputs, prepared.keys, prepared.spans,
+                          params, tuple(stop), record_logits)
         self.scheduler.add(request)
-        return Reply(self, request, prompt)
+        return Reply(self, request, prepared.prompt)
+
+    def prefetcher(self, load: Callable[[str], Any]) -> Prefetcher:
+        """Encodes images attached in the UI while this engine is idle (see Prefetcher)."""
+        return Prefetcher(self, load)
+
+    def close(self) -> None:
+        """Nothing to release in-process (the scheduler's thread ends when idle); RemoteEngine stops Ray here."""
+
+
+@dataclass
+class Prepared:
+    """A conversation made ready for the model: the prompt, the processor's tensors and its images' keys."""
+
+    prompt: conv.Prompt
+    inputs: Any  # the processor's BatchFeature (CPU tensors): what travels to a replica
+    keys: list[str]  # each image's content hash ("" when not hashed)
+    spans: tuple[reuse.ImageSpan, ...]
+
+
+def prepare(handle: ModelHandle, limits: Limits, turns: Sequence[conv.Turn], params: GenerationParams, *,
+            new: conv.Turn | None = None, load: Callable[..., Any] = load_image,
+            hash_images: bool | None = None) -> Prepared:
+    """Validate and budget `turns`, render them with the processor and hash their images (by default only when
+    reuse is on: keys tell images apart by content). Needs the processor and the config, not the weights."""
+    prompt = conv.prompt_for_turns(handle.processor, turns, limits, handle.context_tokens, params.max_new_tokens,
+                                   load, new=new)
+    inputs = conv.encode(handle.processor, prompt.messages)
+    n_images = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
+    hash_images = handle.reuse.enabled if hash_images is None else hash_images
+    keys = reuse.image_keys(inputs) if hash_images else [""] * n_images
+    spans = reuse.image_spans(inputs["input_ids"][0], handle.model.config.image_token_id,
+                              int(handle.processor.num_image_tokens), keys)
+    return Prepared(prompt, inputs, keys, spans)
 
 
 class Reply:
@@ -121,6 +153,10 @@ class Reply:
     def finish_reason(self) -> str:
         """OpenAI's word: 'length' when max_new_tokens cut the reply, else 'stop'."""
         return "length" if self.stats.stop_reason == "length" else "stop"
+
+    @property
+    def finished(self) -> bool:
+        return self.request.finished
 
     def cancel(self) -> None:
         """Stop this request only (at its next step; a waiting one leaves the line)."""
@@ -188,11 +224,12 @@ class Reply:
             if piece is not None:
                 yield piece
 
-    async def aiter(self, poll_s: float = POLL_S) -> AsyncIterator[str]:
-        """Text increments for an asyncio consumer, without holding a thread while it waits."""
+    async def aiter(self, poll_s: float = POLL_S, ticks: bool = False) -> AsyncIterator[str | None]:
+        """Text increments for an asyncio consumer, without holding a thread while it waits (with `ticks`,
+        also None every `poll_s` while nothing arrives, as `updates` gives)."""
         if self.engine.scheduler.inline:
             while (piece := await asyncio.to_thread(self._item, poll_s)) is not DONE:
-                if piece is not None:
+                if piece is not None or ticks:
                     yield piece
             self._end()
             return
@@ -215,6 +252,8 @@ class Reply:
                     await asyncio.wait_for(arrived.wait(), poll_s)
                 except TimeoutError:
                     self._check_stall()
+                    if ticks:
+                        yield None
         finally:
             self.request.notify = None
             self.close()

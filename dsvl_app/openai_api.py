@@ -450,7 +450,7 @@ class _Reply:
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        while not self.reply.request.finished:
+        while not self.reply.finished:
             if await self.request.is_disconnected():
                 log.info("/v1 client went away: stopping its reply")
                 self.reply.cancel()
@@ -493,6 +493,10 @@ class Access:
             stats = self.reply.stats
             parts.append(f"{stats.prompt_tokens} prompt + {stats.new_tokens} completion tokens, {stats.images} image(s), "
                          f"{'stream' if self.stream else 'one response'}, ended: {stats.stop_reason}")
+            if stats.reused_tokens:
+                parts.append(f"{stats.reused_tokens} prompt tokens reused")
+            if stats.replica:
+                parts.append(f"replica {stats.replica}")
         if self.ignored:
             parts.append("ignored: " + ", ".join(self.ignored))
         if self.refusal is not None:

@@ -57,6 +57,7 @@ class GenerationStats:
     place_in_line: int | None = None  # 1 = next; None once it is being served
     prefilled_tokens: int = 0  # of the prompt, including the reused ones
     stop_reason: str = "waiting"  # waiting | prefilling | running | eos | length | stop | stopped | timeout | error
+    replica: str = ""  # which engine replica wrote it (with --replicas)
 
     @property
     def tokens_per_s(self) -> float | None:

@@ -86,6 +86,25 @@ def image_spans(ids: torch.Tensor, image_token_id: int, tokens_per_image: int, k
     return tuple(spans)
 
 
+PREFIX_BLOCK = 16  # tokens per prefix hash (a conversation's next turn matches its earlier turns' blocks)
+
+
+def prefix_hashes(ids: torch.Tensor, spans: Sequence[ImageSpan], block: int = PREFIX_BLOCK) -> list[str]:
+    """A chain of hashes of `ids` (1-D) block by block — each covers the whole prefix up to its block's end,
+    images by their content key (their placeholder ids are all alike). Two prompts share the first k hashes
+    exactly when they share those k blocks, which is what lets a router send a conversation's next turn to
+    the replica whose reuse cache holds its earlier ones. A last partial block is left out."""
+    values = ids.detach().to("cpu", torch.int64)
+    hashes, digest = [], hashlib.blake2b(digest_size=12)
+    for end in range(block, int(values.shape[0]) + 1, block):
+        digest.update(values[end - block:end].numpy().tobytes())
+        for span in spans:
+            if end - block <= span.start < end:
+                digest.update(span.key.encode())
+        hashes.append(digest.copy().hexdigest())
+    return hashes
+
+
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     """Length of the longest common prefix of two 1-D id tensors."""
     n = min(a.shape[0], b.shape[0])

@@ -49,6 +49,8 @@ class Settings:
     batch: int | None = None  # replies decoded together; None: 8 on CUDA, 4 on CPU
     batch_decode: str = "auto"  # auto | together | rows (see scheduler.DecodePolicy)
     cache_mb: float | None = None  # reuse cache cap; None: a share of free memory, 0: reuse off
+    replicas: int | None = None  # engine replicas on Ray Serve; None: the engine runs in this process
+    ray_address: str | None = None  # join this Ray cluster instead of starting a local one
     cache_idle_s: float = 1800.0
     api_keys: tuple[str, ...] = ()  # bearer keys for /v1 (the OpenAI-compatible API)
     allow_remote_images: bool = False  # may /v1 fetch http(s) image URLs
@@ -150,6 +152,12 @@ _OPTIONS: tuple[tuple[str, str, str, object, object, str], ...] = (
      "replies decoded together, from the UI, /chat and /v1 alike (default: 8 on CUDA, 4 on CPU; 1: one at a time)"),
     ("--batch-decode", "DSVL_BATCH_DECODE", "batch_decode", str, "auto",
      "auto (measure), together (one forward for all replies) or rows (one forward per reply; exact as alone)"),
+    ("--replicas", "DSVL_REPLICAS", "replicas", _positive_int, None,
+     "run the engine as N Ray Serve replicas (one GPU each on CUDA, a share of the CPUs on CPU) behind this "
+     "UI and /v1; a conversation's turns stay on one replica (default: the engine runs in this process)"),
+    ("--ray-address", "DSVL_RAY_ADDRESS", "ray_address", str, None,
+     "join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local Ray instance; "
+     "implies --replicas 1 unless set"),
     ("--queue-size", "DSVL_QUEUE_SIZE", "queue_size", _positive_int, 32,
      "requests waiting for the model at most (beyond those being answered) before new ones are refused"),
     ("--max-images", "DSVL_MAX_IMAGES", "images_per_message", _positive_int, 4, "images per message"),
@@ -227,5 +235,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error(f"--attn must be one of {', '.join(ATTENTION)}")
     if args["batch_decode"] not in BATCH_DECODE:
         parser.error(f"--batch-decode must be one of {', '.join(BATCH_DECODE)}")
+    if args["replicas"] is not None and _zero_gpu(env):
+        parser.error("--replicas cannot run on ZeroGPU (it lends one GPU to one call at a time)")
+    if args["ray_address"] and args["replicas"] is None:
+        args["replicas"] = 1
     limits = Limits(**{k: args.pop(k) for k in list(args) if k in _LIMIT_FIELDS})
     return Settings(**args, limits=limits, on_space=bool(env.get("SPACE_ID")), zero_gpu=_zero_gpu(env))

@@ -20,7 +20,7 @@ import gradio as gr
 
 from . import conversation as conv
 from . import openai_api, saved
-from .engine import Engine, GenerationError, GenerationParams, GenerationStats, Prefetcher
+from .engine import Engine, GenerationError, GenerationParams, GenerationStats
 from .image_urls import ImageUrlError, ImageUrls, is_image_url
 from .media import ImageRejected, check_location, load_image
 from .model import ModelHandle, get_model
@@ -181,6 +181,8 @@ def meters_markdown(prompt: conv.Prompt | None, stats: GenerationStats | None, s
             ("New tokens", str(stats.new_tokens)),
             ("Stop reason", stop_reason or stats.stop_reason),
         ]
+        if stats.replica:
+            rows.append(("Replica", stats.replica))
     return "| Meter | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
@@ -250,7 +252,7 @@ class ChatApp:
         self.allowed_roots = allowed_roots(self.store)
         self.image_urls = image_urls(settings)
         self.export_dir = Path(tempfile.mkdtemp(prefix="dsvl-exports-"))
-        self.prefetcher = Prefetcher(self.engine, lambda path: self._load(path, self.limits))
+        self.prefetcher = self.engine.prefetcher(lambda path: self._load(path, self.limits))
 
     # -- the one code path for UI and API
 

@@ -364,3 +364,19 @@ def test_cache_memory_never_goes_above_the_cap_across_conversations(random_handl
             assert on.reuse.nbytes <= per_turn
     stats = on.reuse.stats()
     assert stats.evicted + stats.dropped_too_big > 0 and stats.nbytes <= per_turn
+
+
+def test_prefix_hashes_match_exactly_the_shared_blocks_images_by_content():
+    """What the replica router matches a conversation's next turn on: one hash per whole 16-token block, each
+    covering everything before it, images told apart by their key (their placeholder ids are all alike)."""
+    ids = torch.arange(100)
+    turn1 = reuse.prefix_hashes(ids[:60], [ImageSpan(20, 36, "cat")])
+    turn2 = reuse.prefix_hashes(ids, [ImageSpan(20, 36, "cat")])
+    assert len(turn1) == 3 and len(turn2) == 6  # a last partial block is left out
+    assert turn2[:3] == turn1  # the next turn extends the earlier prompt
+    other_image = reuse.prefix_hashes(ids, [ImageSpan(20, 36, "dog")])
+    assert other_image[0] == turn2[0] and other_image[1] != turn2[1]  # differs from the image's block on
+    changed = ids.clone()
+    changed[50] = 999
+    assert reuse.prefix_hashes(changed, [ImageSpan(20, 36, "cat")])[:3] == turn2[:3]
+    assert reuse.prefix_hashes(changed, [ImageSpan(20, 36, "cat")])[3] != turn2[3]

@@ -76,3 +76,19 @@ def test_bad_batch_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         parse_settings(argv, environ={})
     assert "error" in capsys.readouterr().err
+
+
+def test_replicas_and_a_ray_address():
+    assert parse_settings([], environ={}).replicas is None  # the engine in this process; Ray is not imported
+    assert parse_settings(["--replicas", "2"], environ={}).replicas == 2
+    assert parse_settings([], environ={"DSVL_REPLICAS": "3"}).replicas == 3
+    joined = parse_settings(["--ray-address", "ray://head:10001"], environ={})
+    assert joined.ray_address == "ray://head:10001" and joined.replicas == 1  # joining a cluster means replicas
+    assert parse_settings([], environ={"DSVL_RAY_ADDRESS": "auto", "DSVL_REPLICAS": "4"}).replicas == 4
+
+
+@pytest.mark.parametrize("argv, environ", [(["--replicas", "0"], {}), (["--replicas", "2"], {"SPACES_ZERO_GPU": "1"})])
+def test_bad_replica_settings_are_refused(argv, environ, capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(argv, environ=environ)
+    assert "error" in capsys.readouterr().err
