@@ -54,6 +54,7 @@ APP_NAME = "dsvl-chat"
 ROOT = Path(__file__).resolve().parent.parent
 MAX_IMBALANCE = 4  # "much busier": this many more replies in flight than the least busy replica
 HEALTH_CHECK_S = 2.0  # how often Serve checks a replica (a dead one is replaced after this)
+SEND_EVERY_S = 0.02  # a replica sends a reply's new text at most this often (tokens in between go together)
 FIRST_EVENT_S = 60.0  # a replica acknowledges a request at once; longer means no replica could take it
 REPLICA_DIED = ("The engine replica writing this reply stopped (its process ended), so the reply is cut here. Your "
                 "conversation is kept: send the message again and a healthy replica answers.")
@@ -109,8 +110,21 @@ class EngineReplica:
         reply.stats.replica = self.name
         try:
             yield ("accepted", "", reply.stats)
-            async for piece in reply.aiter(POLL_S, ticks=True):
-                yield ("tick", "", reply.stats) if piece is None else ("text", piece, reply.stats)
+            # Tokens are sent in bunches of at most SEND_EVERY_S: each event crosses processes, and one per token
+            # would cost the front door more CPU than the reply. A quiet reply (waiting in line, reading its prompt)
+            # still says so every POLL_S, so that its place in line moves and a silent replica stands out.
+            pending, sent = "", 0.0
+            async for piece in reply.aiter(SEND_EVERY_S, ticks=True):
+                pending += piece or ""
+                now = time.monotonic()
+                if pending and (piece is None or now - sent >= SEND_EVERY_S):
+                    yield ("text", pending, reply.stats)
+                    pending, sent = "", now
+                elif piece is None and now - sent >= POLL_S:
+                    yield ("tick", "", reply.stats)
+                    sent = now
+            if pending:
+                yield ("text", pending, reply.stats)
             yield ("end", "", reply.stats)
         except GenerationError as exc:
             yield ("error", type(exc).__name__, str(exc))
@@ -164,6 +178,8 @@ class AffinityRouter(RequestRouter):
     def _by_load(self, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
         """The replicas, least busy first: fewest replies in flight (this router's own count, exact at once);
         among equally busy ones, in turn — so that conversations spread even when each reply is short."""
+        if not replicas:
+            return []
         ranked = sorted(replicas, key=lambda r: (self._load(r), r.replica_id.unique_id))
         tied = sum(1 for r in ranked if self._load(r) == self._load(ranked[0]))
         self._turn += 1
