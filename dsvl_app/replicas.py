@@ -172,17 +172,18 @@ class AffinityRouter(RequestRouter):
             if self._load(owner) - least >= self._max_imbalance:
                 break  # much busier: balance the load instead (the reply is recomputed there)
             rest = [replica for replica in candidate_replicas if replica is not owner]
-            return [[owner], *self._by_load(rest)]
-        return self._by_load(candidate_replicas)
+            return [[owner], *self._by_load(rest, rotate=False)]
+        return self._by_load(candidate_replicas, rotate=True)
 
-    def _by_load(self, replicas: list[RunningReplica]) -> list[list[RunningReplica]]:
+    def _by_load(self, replicas: list[RunningReplica], rotate: bool) -> list[list[RunningReplica]]:
         """The replicas, least busy first: fewest replies in flight (this router's own count, exact at once);
-        among equally busy ones, in turn — so that conversations spread even when each reply is short."""
+        among equally busy ones, in turn for each new conversation (`rotate`) — so that conversations spread
+        even when each reply is short."""
         if not replicas:
             return []
         ranked = sorted(replicas, key=lambda r: (self._load(r), r.replica_id.unique_id))
         tied = sum(1 for r in ranked if self._load(r) == self._load(ranked[0]))
-        self._turn += 1
+        self._turn += rotate
         first = self._turn % tied
         ranked[:tied] = ranked[first:tied] + ranked[:first]
         return [[replica] for replica in ranked]

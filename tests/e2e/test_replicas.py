@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,13 +133,19 @@ def test_a_conversation_stays_on_its_replica_and_reuses_its_earlier_turns(cluste
     _, url = cluster
     client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
 
+    start = threading.Barrier(2)
+
     def talk(image: str, question: str) -> list[int]:
         """The prompt size of each turn (how this conversation's lines are found in the log)."""
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}},
                                                  {"type": "text", "text": question}]}]
         sizes = []
+        start.wait()
         for follow_up in ("Say more.", "And then?", None):
-            reply = client.chat.completions.create(model="ckpt", messages=messages, max_tokens=16, temperature=0)
+            # Turn 1 is long, so that both conversations are in flight together: the second goes to the idle
+            # replica (by load; two short replies one after the other may meet on one replica, which is fine).
+            tokens = 300 if not sizes else 16
+            reply = client.chat.completions.create(model="ckpt", messages=messages, max_tokens=tokens, temperature=0)
             sizes.append(reply.usage.prompt_tokens)
             messages += [{"role": "assistant", "content": reply.choices[0].message.content}]
             if follow_up:
