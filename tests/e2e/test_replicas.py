@@ -219,6 +219,33 @@ def test_a_killed_replica_ends_its_reply_with_a_specific_error_and_the_next_is_a
     assert wait_until(lambda: _running_replicas() == 2, 90, 1), _running_replicas()
 
 
+@pytest.mark.browser
+def test_in_the_ui_a_killed_replica_keeps_the_conversation_which_goes_on(cluster, browser):
+    """After the kill test: Serve is back to 2 replicas. A reply cut by its replica's death keeps what was written,
+    says why, unlocks the input, and the next message is answered."""
+    _, url = cluster
+    assert wait_until(lambda: _running_replicas() == 2, 90, 1)
+    with open_page(browser, url) as page:
+        chat = ChatPage(page)
+        chat.set_control("max-new-tokens", 2000)
+        chat.set_control("temperature", 1)
+        chat.send("Tell me everything.", str(EXAMPLES / "three_shapes.png"))
+        assert wait_until(lambda: (found := re.search(r"New tokens\s+(\d+)", chat.meters())) and int(found[1]) >= 20,
+                          60, 0.1), chat.meters()
+        replica = re.search(r"Replica\s+(\S+)", chat.meters())[1]
+        # The same first message routes a status call to the replica writing this conversation.
+        status = replica_status(cluster[0], turns_for("Tell me everything.", "three_shapes.png"))
+        assert status["replica"] == replica and status["replies"] == 1, (status, replica)
+        os.kill(status["pid"], signal.SIGKILL)
+        assert "engine replica writing this reply stopped" in chat.toast_text(timeout=10)
+        cut = chat.wait_reply_done()
+        assert len(cut) > 10  # what was written stays
+        chat.set_control("max-new-tokens", 8)
+        chat.send("Go on.")
+        assert chat.wait_reply_done(timeout=90) and len(chat.bot_texts()) == 2
+        assert re.search(r"Replica\s+(\S+)", chat.meters())[1] != replica
+
+
 def replica_status(engine, turns) -> dict:
     """The status of the replica holding this conversation (routed there by its prefix, as its turns are).
 
