@@ -106,7 +106,7 @@ def run(checkpoint: str, count: int, tokens: int, conversations: int) -> dict:
     ready = time.perf_counter() - began
     demo = build_demo(settings, engine)
     kwargs = launch_kwargs(settings, engine)
-    kwargs.update(server_port=0 if False else _free_port(), prevent_thread_lock=True, quiet=True)
+    kwargs.update(server_port=_free_port(), prevent_thread_lock=True, quiet=True)
     demo.launch(**kwargs)
     try:
         four_at_once(demo.local_url, 8)  # warm-up: first requests load code paths in every process

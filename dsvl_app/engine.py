@@ -36,7 +36,7 @@ from .settings import Limits, Settings
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BATCH_CPU", "DEFAULT_BATCH_CUDA", "Engine", "EngineBusy", "GenerationError", "GenerationParams",
-           "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Prepared", "Reply", "prepare"]
+           "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Prepared", "Reply", "ReplyStream", "prepare"]
 
 DEFAULT_BATCH_CUDA = 8  # a decode step for 8 rows costs about one row's on a GPU
 DEFAULT_BATCH_CPU = 4  # CPUs gain little speed from batching; 4 keeps the wait behind others short
@@ -132,7 +132,41 @@ def prepare(handle: ModelHandle, limits: Limits, turns: Sequence[conv.Turn], par
     return Prepared(prompt, inputs, keys, spans)
 
 
-class Reply:
+class ReplyStream:
+    """What every reply offers its consumer (a local `Reply`, or a replica's `replicas.RemoteReply`): subclasses
+    give `stats`, `finished`, `cancel()`, `updates()` and `aiter()`; closing one cancels it."""
+
+    stats: GenerationStats
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's word: 'length' when max_new_tokens cut the reply, else 'stop'."""
+        return "length" if self.stats.stop_reason == "length" else "stop"
+
+    def cancel(self) -> None:
+        raise NotImplementedError
+
+    def updates(self, poll_s: float = POLL_S) -> Iterator[str | None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if not self.stats.finished:
+            self.stats.stop_reason = "stopped"
+        self.cancel()
+
+    def __enter__(self) -> ReplyStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[str]:
+        for piece in self.updates():
+            if piece is not None:
+                yield piece
+
+
+class Reply(ReplyStream):
     """The consumer's side of one request: text increments, live stats, cancel. Closing it cancels."""
 
     def __init__(self, engine: Engine, request: Request, prompt: conv.Prompt):
@@ -150,11 +184,6 @@ class Reply:
         return self.request.inputs
 
     @property
-    def finish_reason(self) -> str:
-        """OpenAI's word: 'length' when max_new_tokens cut the reply, else 'stop'."""
-        return "length" if self.stats.stop_reason == "length" else "stop"
-
-    @property
     def finished(self) -> bool:
         return self.request.finished
 
@@ -163,17 +192,6 @@ class Reply:
         if not self.request.finished:
             self.request.cancel()
             self.engine.scheduler.wake()
-
-    def close(self) -> None:
-        if not self.request.finished:
-            self.stats.stop_reason = "stopped"
-        self.cancel()
-
-    def __enter__(self) -> Reply:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- reading
 
@@ -218,11 +236,6 @@ class Reply:
             self._end()
         finally:
             self.close()
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self.updates():
-            if piece is not None:
-                yield piece
 
     async def aiter(self, poll_s: float = POLL_S, ticks: bool = False) -> AsyncIterator[str | None]:
         """Text increments for an asyncio consumer, without holding a thread while it waits (with `ticks`,

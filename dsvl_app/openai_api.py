@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import conversation as conv
-from .engine import Engine, EngineBusy, GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, Reply
+from .engine import Engine, EngineBusy, GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, ReplyStream
 from .image_urls import ImageUrlError, ImageUrls
 from .media import ImageRejected, load_image
 from .model import ModelHandle
@@ -358,7 +358,7 @@ class Api:
 
     # -- the engine
 
-    def start(self, turns: list[conv.Turn], labels: dict[str, str], chat: ChatRequest) -> Reply:
+    def start(self, turns: list[conv.Turn], labels: dict[str, str], chat: ChatRequest) -> ReplyStream:
         try:
             return self.engine.submit(turns, chat.params, stop=chat.stop, load=load_image)
         except ImageRejected as exc:
@@ -444,7 +444,7 @@ class _Reply:
     cancelled when the client goes away (a watcher notices even while nothing is being written, e.g. during
     a long prefill or while waiting in line)."""
 
-    def __init__(self, reply: Reply, request: Request):
+    def __init__(self, reply: ReplyStream, request: Request):
         self.reply, self.request = reply, request
         self.text = ""
         self._watcher = asyncio.get_running_loop().create_task(self._watch())

@@ -40,7 +40,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from . import conversation as conv
 from . import reuse
-from .engine import POLL_S, Engine, Prepared, default_batch, prepare
+from .engine import POLL_S, Engine, Prepared, ReplyStream, default_batch, prepare
 from .media import load_image
 from .model import ModelHandle, ModelLoadError, get_model, resolve_device, resolve_model_id, resolve_source
 from .request import EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory
@@ -153,7 +153,6 @@ class AffinityRouter(RequestRouter):
         self._owner: OrderedDict[str, ReplicaID] = OrderedDict()  # prefix hash → the replica that last served it
         self._in_flight: Counter[ReplicaID] = Counter()  # replies this router sent and not yet completed
         self._turn = 0  # round robin among equally busy replicas
-        self.affine = self.routed = 0  # routing decisions that followed a conversation / all (for the logs)
 
     def _load(self, replica: RunningReplica) -> int:
         return self._in_flight[replica.replica_id]
@@ -190,7 +189,6 @@ class AffinityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         self._in_flight[replica_id] += 1
-        self.routed += 1
         for digest in pending_request.kwargs.get("affinity") or ():
             self._owner[digest] = replica_id
             self._owner.move_to_end(digest)
@@ -215,13 +213,11 @@ class AffinityRouter(RequestRouter):
 class NoPrefetch:
     """Encode-on-attach needs the model in this process; with replicas, images are encoded by their reply."""
 
-    encoded = 0
-
     def submit(self, paths: Any) -> int:
         return 0
 
 
-class RemoteReply:
+class RemoteReply(ReplyStream):
     """A reply written by a replica, with the local Reply's interface: text increments, live stats, cancel.
 
     A thread reads the replica's stream into a queue (so that a sync and an async consumer read it alike);
@@ -310,11 +306,7 @@ class RemoteReply:
             raise GenerationTimeout(f"Generation stalled: no word from the engine replica for {self.timeout_s:.0f} s, "
                                     "so the reply was stopped.")
 
-    # -- the Reply interface
-
-    @property
-    def finish_reason(self) -> str:
-        return "length" if self.stats.stop_reason == "length" else "stop"
+    # -- the reply interface (ReplyStream)
 
     @property
     def finished(self) -> bool:
@@ -326,17 +318,6 @@ class RemoteReply:
             self._closed.set()
             if ray.is_initialized():  # (after shutdown a call would start a new Ray instance)
                 self._response.cancel()
-
-    def close(self) -> None:
-        if not self.stats.finished:
-            self.stats.stop_reason = "stopped"
-        self.cancel()
-
-    def __enter__(self) -> RemoteReply:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def updates(self, poll_s: float = POLL_S) -> Iterator[str | None]:
         """Text increments, and None every `poll_s` while nothing arrives (to refresh a place in line)."""
@@ -353,11 +334,6 @@ class RemoteReply:
                 yield piece or None
         finally:
             self.close()
-
-    def __iter__(self) -> Iterator[str]:
-        for piece in self.updates():
-            if piece is not None:
-                yield piece
 
     async def aiter(self, poll_s: float = POLL_S, ticks: bool = False) -> AsyncIterator[str | None]:
         """Text increments for an asyncio consumer, without holding a thread while it waits."""

@@ -200,8 +200,15 @@ def test_a_full_line_says_so(strict):
     for job in jobs:
         job.cancel()
     # gradio_client cancels a job still in gradio's queue only on its side: the server may start it once a worker
-    # frees, and it then runs to its end (2000 tokens) with nobody reading.
-    wait_no_generation(engine, 60)
+    # frees, and it then runs to its end (2000 tokens) with nobody reading. Such a job can start a moment after the
+    # engine went idle, so wait until it has stayed idle (else it runs into the next test on this app).
+    deadline = time.perf_counter() + 120
+    while True:
+        wait_no_generation(engine, 60)
+        time.sleep(2)
+        if not replying(engine):
+            break
+        assert time.perf_counter() < deadline, "leftover replies kept starting"
     refused = [e for e in errors if "busy" in e or "Queue is full" in e]
     assert len(refused) >= 2, errors
 
