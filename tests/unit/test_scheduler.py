@@ -49,7 +49,8 @@ def test_the_pool_keeps_rows_apart_and_moves_them(handle):
 def test_a_forward_writes_each_row_at_its_own_position(handle):
     pool = SlotPool(handle.model.config, torch.device("cpu"), torch.float32)
     pool.resize(3, 64, 0, 0)
-    row0 = pool.keys[0][0].clone()
+    # The pool is allocated with torch.empty: give row 0 known values, since stale memory may hold NaN (NaN != NaN).
+    row0 = pool.keys[0][0].fill_(7.0).clone()
     positions = torch.tensor([5, 9])
     cache = pool.view(1, 3, positions, 40)
     new = torch.randn(2, pool.heads, 1, pool.head_dim)
