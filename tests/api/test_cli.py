@@ -55,6 +55,16 @@ def test_no_arguments_offline_serves_the_bundled_checkpoint_and_says_so(tmp_path
         proc.wait(30)
 
 
+def test_without_replicas_ray_is_never_imported():
+    # --replicas is opt-in: the one-process app must not pay Ray's import (seconds, hundreds of MB) or start its processes.
+    script = ("import sys, app; from dsvl_app.settings import parse_settings; s = parse_settings(['--model', 'tiny'], "
+              "environ={}); e = app.start_engine(s); app.build_demo(s, e); e.close(); "
+              "print('ray:', sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "ray: []"
+
+
 def test_waiting_and_reading_are_shown_before_the_first_token():
     from dsvl_app.engine import GenerationStats
     from dsvl_app.ui import meters_markdown, ordinal, waiting_note
