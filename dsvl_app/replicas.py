@@ -147,11 +147,19 @@ class AffinityRouter(RequestRouter):
     busy one. Without a match, Serve's own choice among all replicas (the shortest queue) applies.
     """
 
+    # How long a replica has to say how many requests it holds before Serve skips it for the next one in this
+    # router's ranking (Serve's default is 0.1 s, doubling to 1 s). A replica whose CPU is busy computing can
+    # miss 0.1 s, and a skipped replica means a turn recomputed away from its conversation, or a new one sent
+    # to a busier replica; waiting longer costs nothing when replicas answer at once.
+    queue_len_response_deadline_s = 0.5
+    max_queue_len_response_deadline_s = 2.0
+
     def initialize_state(self, max_imbalance: int = MAX_IMBALANCE, max_hashes: int = 200_000, **_: Any) -> None:
         self._max_imbalance = int(max_imbalance)
         self._max_hashes = int(max_hashes)
         self._owner: OrderedDict[str, ReplicaID] = OrderedDict()  # prefix hash → the replica that last served it
         self._in_flight: Counter[ReplicaID] = Counter()  # replies this router sent and not yet completed
+        self._lock = threading.Lock()  # a result's done callback runs on one of Ray's threads
         self._turn = 0  # round robin among equally busy replicas
 
     def _load(self, replica: RunningReplica) -> int:
@@ -188,20 +196,29 @@ class AffinityRouter(RequestRouter):
         return [[replica] for replica in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
-        self._in_flight[replica_id] += 1
+        # A reply is counted here and released by its own result's completion, not by on_request_completed:
+        # Serve calls that hook for attempts a full replica refused (never routed here), and a reply that ends
+        # before the router has read its acceptance (a status call, a short reply on a busy router) gets it
+        # *before* this one — either way a count would be left wrong for good and steer new conversations away
+        # from an idle replica. A result's done callback fires once, at once if it is already done.
+        with self._lock:
+            self._in_flight[replica_id] += 1
+        result.add_done_callback(lambda _: self._release(replica_id))
         for digest in pending_request.kwargs.get("affinity") or ():
             self._owner[digest] = replica_id
             self._owner.move_to_end(digest)
         while len(self._owner) > self._max_hashes:
             self._owner.popitem(last=False)
 
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        if self._in_flight[replica_id] > 0:
-            self._in_flight[replica_id] -= 1
+    def _release(self, replica_id: ReplicaID) -> None:
+        with self._lock:
+            if self._in_flight[replica_id] > 0:  # 0 once the replica died (its count went with it)
+                self._in_flight[replica_id] -= 1
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._in_flight.pop(replica_id, None)
+        with self._lock:
+            self._in_flight.pop(replica_id, None)
         # Its conversations start afresh elsewhere (their keys/values died with it).
         for digest in [digest for digest, owner in self._owner.items() if owner == replica_id]:
             del self._owner[digest]

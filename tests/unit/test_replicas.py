@@ -40,15 +40,34 @@ def finish(coroutine):
     raise AssertionError("choose_replicas waited for something")
 
 
-def routed(router, replica, hashes=()) -> None:
-    router.on_request_routed(SimpleNamespace(kwargs={"affinity": tuple(hashes)}), replica.replica_id, None)
+class Result:
+    """A stand-in for Serve's ReplicaResult: done callbacks, fired once when the reply ends (at once if it has)."""
+
+    def __init__(self, done: bool = False):
+        self.done, self.callbacks = done, []
+
+    def add_done_callback(self, callback) -> None:
+        if self.done:
+            callback(self)
+        else:
+            self.callbacks.append(callback)
+
+    def finish(self) -> None:
+        self.done = True
+        for callback in self.callbacks:
+            callback(self)
+
+
+def routed(router, replica, hashes=(), result: Result | None = None) -> Result:
+    result = result or Result()
+    router.on_request_routed(SimpleNamespace(kwargs={"affinity": tuple(hashes)}), replica.replica_id, result)
+    return result
 
 
 def test_a_conversation_returns_to_its_replica_unless_it_is_much_busier():
     r = router()
     a, b = replicas("a", "b")
-    routed(r, b, ["h1", "h2"])  # turn 1 of a conversation went to b
-    r.on_request_completed(b.replica_id, "x")
+    routed(r, b, ["h1", "h2"]).finish()  # turn 1 of a conversation went to b
     assert choose(r, [a, b], ["h1", "h2", "h3"])[0] == ["b"]  # turn 2 extends it: back to b
     assert choose(r, [a, b], ["h1", "other"])[0] == ["b"]  # the longest remembered prefix counts
     assert choose(r, [b], ["h1", "h2"]) == [["b"]]  # the only replica left holds it
@@ -61,13 +80,10 @@ def test_a_conversation_returns_to_its_replica_unless_it_is_much_busier():
 def test_new_conversations_go_to_the_least_busy_then_in_turn():
     r = router()
     a, b, c = replicas("a", "b", "c")
-    routed(r, a, ["x"])
-    routed(r, a, ["y"])
-    routed(r, b, ["z"])
+    replies = [routed(r, a, ["x"]), routed(r, a, ["y"]), routed(r, b, ["z"])]
     assert choose(r, [a, b, c], ["new"])[0] == ["c"]  # nothing in flight there
-    r.on_request_completed(a.replica_id, "1")
-    r.on_request_completed(a.replica_id, "2")
-    r.on_request_completed(b.replica_id, "3")
+    for reply in replies:
+        reply.finish()
     firsts = {choose(r, [a, b, c], [f"new{n}"])[0][0] for n in range(3)}
     assert firsts == {"a", "b", "c"}  # equally idle: in turn, not always the first
     assert choose(r, [], ["new"]) == [] and choose(r, [a], []) == [["a"]]
@@ -81,3 +97,20 @@ def test_a_dead_replicas_conversations_start_afresh(monkeypatch):
     routed(r, b, ["h2"])
     r.on_replica_actor_died(a.replica_id)
     assert choose(r, [b], ["h1"]) == [["b"]] and "h1" not in r._owner and "h2" in r._owner
+
+
+def test_a_reply_counts_until_its_result_is_done_whatever_order_serve_reports_in():
+    """Serve may report a reply complete before it reports it routed (a short reply or a status call), and
+    reports refused attempts complete that were never routed: neither may leave a replica counted busy."""
+    r = router()
+    a, b = replicas("a", "b")
+    r.on_request_completed(b.replica_id, "early")  # Serve's hook fires first for a reply that is already done …
+    routed(r, b, ["s"], Result(done=True))  # … then it is reported routed
+    r.on_request_completed(a.replica_id, "refused")  # an attempt a full replica refused: never routed
+    assert r._in_flight[a.replica_id] == r._in_flight[b.replica_id] == 0
+    assert {choose(r, [a, b], [f"new{n}"])[0][0] for n in range(2)} == {"a", "b"}  # both idle: in turn
+    busy = routed(r, a, ["long"])
+    assert [choose(r, [a, b], [f"more{n}"])[0][0] for n in range(2)] == ["b", "b"]  # a is busy until it ends
+    busy.finish()
+    assert r._in_flight[a.replica_id] == 0
+    assert {choose(r, [a, b], [f"after{n}"])[0][0] for n in range(2)} == {"a", "b"}  # both idle again
