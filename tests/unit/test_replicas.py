@@ -106,10 +106,10 @@ def test_a_reply_counts_until_its_result_is_done_whatever_order_serve_reports_in
     a, b = replicas("a", "b")
     r.on_request_completed(b.replica_id, "early")  # Serve's hook fires first for a reply that is already done …
     routed(r, b, ["s"], Result(done=True))  # … then it is reported routed
-    r.on_request_completed(a.replica_id, "refused")  # an attempt a full replica refused: never routed
     assert r._in_flight[a.replica_id] == r._in_flight[b.replica_id] == 0
     assert {choose(r, [a, b], [f"new{n}"])[0][0] for n in range(2)} == {"a", "b"}  # both idle: in turn
     busy = routed(r, a, ["long"])
+    r.on_request_completed(a.replica_id, "refused")  # an attempt a full replica refused: never routed
     assert [choose(r, [a, b], [f"more{n}"])[0][0] for n in range(2)] == ["b", "b"]  # a is busy until it ends
     busy.finish()
     assert r._in_flight[a.replica_id] == 0
