@@ -5,14 +5,15 @@ builds a prompt or runs the model. `Engine.submit` validates and budgets the con
 processor renders it and counts its tokens), encodes it with the processor, hashes its images and puts
 a `Request` in the scheduler's line; the `Reply` it returns is the consumer's side: iterate it (or
 `async for` it) for text increments, read `stats` for the meters and the place in line, `cancel()` or
-close it to stop that request only. A reply that makes no progress at all (no token, no prefill step,
-no layer) for `token_timeout_s` is stopped as stalled; waiting in line behind replies that are
-progressing is not a stall. No gradio.
+close it to ask the engine to stop that request only. A reply that makes no progress at all (no token,
+no prefill step, no layer) for `token_timeout_s` is stopped as stalled; waiting in line behind replies
+that are progressing is not a stall. No gradio.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -28,15 +29,17 @@ from . import conversation as conv
 from . import reuse
 from .media import load_image
 from .model import ModelHandle
-from .request import DONE, EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, Request
+from .request import DONE, EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, Request, as_generation_error
+from .runner import model_inputs
 from .sampling import GenerationError, GenerationParams, checkpoint_defaults
-from .scheduler import Scheduler, model_inputs
+from .scheduler import Scheduler
 from .settings import Limits, Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BATCH_CPU", "DEFAULT_BATCH_CUDA", "Engine", "EngineBusy", "GenerationError", "GenerationParams",
-           "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Prepared", "Reply", "ReplyStream", "prepare"]
+__all__ = ["DEFAULT_BATCH_CPU", "DEFAULT_BATCH_CUDA", "END", "Engine", "EngineBusy", "GenerationError",
+           "GenerationParams", "GenerationStats", "GenerationTimeout", "OutOfMemory", "Prefetcher", "Prepared", "Reply",
+           "ReplyStream", "prepare"]
 
 DEFAULT_BATCH_CUDA = 8  # a decode step for 8 rows costs about one row's on a GPU
 DEFAULT_BATCH_CPU = 4  # CPUs gain little speed from batching; 4 keeps the wait behind others short
@@ -96,7 +99,7 @@ class Engine:
         request = Request(handle.model, handle.processor.tokenizer, prepared.inputs, prepared.keys, prepared.spans,
                           params, tuple(stop), record_logits)
         self.scheduler.add(request)
-        return Reply(self, request, prepared.prompt)
+        return Reply(self, request, prepared.prompt, prepared.inputs)
 
     def prefetcher(self, load: Callable[[str], Any]) -> Prefetcher:
         """Encodes images attached in the UI while this engine is idle (see Prefetcher)."""
@@ -132,26 +135,69 @@ def prepare(handle: ModelHandle, limits: Limits, turns: Sequence[conv.Turn], par
     return Prepared(prompt, inputs, keys, spans)
 
 
+END = object()  # what `ReplyStream._read` returns for the end of a reply
+
+
 class ReplyStream:
-    """What every reply offers its consumer (a local `Reply`, or a replica's `replicas.RemoteReply`): subclasses
-    give `stats`, `finished`, `cancel()`, `updates()` and `aiter()`; closing one cancels it."""
+    """What every reply offers its consumer — a local `Reply`, or a replica's `replicas.RemoteReply` — with one
+    reading path for both: text increments (`for`, `updates()`, or `async for` over `aiter()` without holding a
+    thread), live `stats`, `finished`, and `cancel()`, which only *asks* the engine to stop (closing the stream
+    asks too). The end reason comes from the engine.
+
+    A subclass fills `_items` (from the scheduler, or from a replica's stream), says what an item means
+    (`_read`), when the engine last showed progress (`_progress_at`), and what a stall does (`_stalled`).
+    """
 
     stats: GenerationStats
+    prompt: conv.Prompt | None
+    inputs: Any  # the processor's tensors for this prompt (the inspector's views), until the reply is read
+
+    def __init__(self, timeout_s: float, items: queue.Queue | None = None):
+        self.timeout_s = timeout_s
+        self._items: queue.Queue = items if items is not None else queue.Queue()
+        self._last_seen = time.monotonic()
+
+    # -- what a subclass provides
+
+    @property
+    def finished(self) -> bool:
+        raise NotImplementedError
+
+    def cancel(self, reason: str = "stopped") -> None:
+        """Ask the engine to stop this reply (idempotent; honoured wherever the reply is)."""
+        raise NotImplementedError
+
+    def _read(self, item: Any) -> Any:
+        """The text `item` carries ("" for progress only), or END; raises the reply's error at its end."""
+        raise NotImplementedError
+
+    def _stalled(self) -> GenerationTimeout:
+        """No progress for `timeout_s`: ask to stop, and return the error the consumer gets."""
+        raise NotImplementedError
+
+    def _progress_at(self) -> float:
+        return self._last_seen
+
+    def _listen(self, notify: Callable[[], None] | None) -> None:
+        """Have `notify` called (from any thread) whenever an item arrives; None stops it."""
+        raise NotImplementedError
+
+    def _wait(self) -> None:
+        """Before blocking on `_items` (an engine without a thread of its own is stepped here)."""
+
+    @property
+    def _blocking(self) -> bool:
+        """Whether waiting for an item needs a thread (an inline engine runs in its reader)."""
+        return False
+
+    # -- the one reading path
 
     @property
     def finish_reason(self) -> str:
         """OpenAI's word: 'length' when max_new_tokens cut the reply, else 'stop'."""
         return "length" if self.stats.stop_reason == "length" else "stop"
 
-    def cancel(self) -> None:
-        raise NotImplementedError
-
-    def updates(self, poll_s: float = POLL_S) -> Iterator[str | None]:
-        raise NotImplementedError
-
     def close(self) -> None:
-        if not self.stats.finished:
-            self.stats.stop_reason = "stopped"
         self.cancel()
 
     def __enter__(self) -> ReplyStream:
@@ -165,111 +211,122 @@ class ReplyStream:
             if piece is not None:
                 yield piece
 
-
-class Reply(ReplyStream):
-    """The consumer's side of one request: text increments, live stats, cancel. Closing it cancels."""
-
-    def __init__(self, engine: Engine, request: Request, prompt: conv.Prompt):
-        self.engine, self.request, self.prompt = engine, request, prompt
-        self.timeout_s = engine.limits.token_timeout_s
-        self._last_seen = time.monotonic()
-
-    @property
-    def stats(self) -> GenerationStats:
-        return self.request.stats
-
-    @property
-    def inputs(self) -> Any:
-        """The processor's tensors for this prompt (the inspector's views are made from them)."""
-        return self.request.inputs
-
-    @property
-    def finished(self) -> bool:
-        return self.request.finished
-
-    def cancel(self) -> None:
-        """Stop this request only (at its next step; a waiting one leaves the line)."""
-        if not self.request.finished:
-            self.request.cancel()
-            self.engine.scheduler.wake()
-
-    # -- reading
-
-    def _item(self, timeout: float) -> Any:
-        """The next output item, None when nothing came within `timeout`; raises on a stall."""
-        scheduler = self.engine.scheduler
-        if scheduler.inline:
-            scheduler.drive(lambda: not self.request.out.empty() or self.request.finished)
+    def _next(self, timeout: float) -> Any | None:
+        """The next item, or None when nothing came within `timeout` (0: do not wait)."""
+        if timeout:
+            self._wait()
         try:
-            item = self.request.out.get(timeout=timeout)
+            item = self._items.get(timeout=timeout) if timeout else self._items.get_nowait()
         except queue.Empty:
-            self._check_stall()
             return None
         self._last_seen = time.monotonic()
         return item
 
     def _check_stall(self) -> None:
-        progress = max(self.engine.scheduler.heartbeat, self._last_seen)
-        if time.monotonic() - progress > self.timeout_s and not self.request.finished:
-            self.request.cancel()
-            self.engine.scheduler.wake()
-            self.stats.stop_reason = "timeout"
-            raise GenerationTimeout(f"Generation stalled: the model made no progress for {self.timeout_s:.0f} s "
-                                    "(no new token, no step of reading the prompt), so the reply was stopped.")
-
-    def _end(self) -> None:
-        error = self.request.error
-        if error is None:
-            return
-        if isinstance(error, GenerationError):
-            raise error
-        raise GenerationError(f"Generation failed: {type(error).__name__}: {error}") from error
+        if time.monotonic() - self._progress_at() > self.timeout_s and not self.finished:
+            raise self._stalled()
 
     def updates(self, poll_s: float = POLL_S) -> Iterator[str | None]:
         """Text increments, and None every `poll_s` while nothing arrives (to refresh a place in line)."""
+        self.inputs = None  # read from now on: the image tensors go (~15 MB an image; the inspector took its views)
         try:
             while True:
-                item = self._item(poll_s)
-                if item is DONE:
-                    break
-                yield item
-            self._end()
+                item = self._next(poll_s)
+                if item is None:
+                    self._check_stall()
+                    yield None
+                    continue
+                piece = self._read(item)
+                if piece is END:
+                    return
+                yield piece or None
         finally:
             self.close()
 
     async def aiter(self, poll_s: float = POLL_S, ticks: bool = False) -> AsyncIterator[str | None]:
         """Text increments for an asyncio consumer, without holding a thread while it waits (with `ticks`,
         also None every `poll_s` while nothing arrives, as `updates` gives)."""
-        if self.engine.scheduler.inline:
-            while (piece := await asyncio.to_thread(self._item, poll_s)) is not DONE:
-                if piece is not None or ticks:
-                    yield piece
-            self._end()
-            return
+        self.inputs = None  # as in updates()
         loop, arrived = asyncio.get_running_loop(), asyncio.Event()
-        self.request.notify = lambda: loop.call_soon_threadsafe(arrived.set)
+        if not self._blocking:
+            # A lambda, not a method: the engine holds it while the reply runs, and must not hold the reply.
+            self._listen(lambda: loop.call_soon_threadsafe(arrived.set))
         try:
             while True:
                 arrived.clear()
-                while True:
-                    try:
-                        item = self.request.out.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._last_seen = time.monotonic()
-                    if item is DONE:
-                        self._end()
-                        return
-                    yield item
-                try:
-                    await asyncio.wait_for(arrived.wait(), poll_s)
-                except TimeoutError:
+                item = self._next(0)
+                if item is None:
+                    if self._blocking:
+                        item = await asyncio.to_thread(self._next, poll_s)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(arrived.wait(), poll_s)
+                        item = self._next(0)
+                if item is None:
                     self._check_stall()
                     if ticks:
                         yield None
+                    continue
+                piece = self._read(item)
+                if piece is END:
+                    return
+                if piece or ticks:
+                    yield piece or None
         finally:
-            self.request.notify = None
+            if not self._blocking:
+                self._listen(None)
             self.close()
+
+
+class Reply(ReplyStream):
+    """The consumer's side of one request in this process: its output queue, its stats, a cancel that asks."""
+
+    def __init__(self, engine: Engine, request: Request, prompt: conv.Prompt, inputs: Any):
+        super().__init__(engine.limits.token_timeout_s, request.out)
+        self.engine, self.request, self.prompt = engine, request, prompt
+        self.inputs = inputs
+
+    @property
+    def stats(self) -> GenerationStats:  # type: ignore[override]
+        return self.request.stats
+
+    @property
+    def finished(self) -> bool:
+        return self.request.finished
+
+    def cancel(self, reason: str = "stopped") -> None:
+        """Stop this request only: a waiting one leaves the line, one being read stops at its next layer, one
+        decoding at its next step."""
+        self.request.cancel(reason)
+        if not self.request.finished:
+            self.engine.scheduler.wake()
+
+    def _read(self, item: Any) -> Any:
+        if item is not DONE:
+            return item
+        if self.request.error is not None:
+            raise as_generation_error(self.request.error)
+        return END
+
+    def _progress_at(self) -> float:
+        return max(self.engine.scheduler.heartbeat, self._last_seen)
+
+    def _stalled(self) -> GenerationTimeout:
+        self.cancel("timeout")
+        return GenerationTimeout(f"Generation stalled: the model made no progress for {self.timeout_s:.0f} s "
+                                 "(no new token, no step of reading the prompt), so the reply was stopped.")
+
+    def _listen(self, notify: Callable[[], None] | None) -> None:
+        self.request.notify = notify
+
+    @property
+    def _blocking(self) -> bool:
+        return self.engine.scheduler.inline
+
+    def _wait(self) -> None:
+        scheduler = self.engine.scheduler
+        if scheduler.inline:
+            scheduler.drive(lambda: not self.request.out.empty() or self.request.finished)
 
 
 class Prefetcher:

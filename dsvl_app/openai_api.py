@@ -439,6 +439,18 @@ class Api:
         }]}
 
 
+async def _watch(reply: ReplyStream, request: Request) -> None:
+    """Cancel `reply` when its client goes away. A function of its own, not a method: a cancelled task keeps its
+    CancelledError, whose traceback holds this frame; were `self` in it, reply → task → frame → reply would be a
+    reference cycle that keeps the reply's image tensors (~50 MB for four images) until a full garbage collection."""
+    while not reply.finished:
+        if await request.is_disconnected():
+            log.info("/v1 client went away: stopping its reply")
+            reply.cancel()
+            return
+        await asyncio.sleep(0.2)
+
+
 class _Reply:
     """One /v1 reply's life: text as the engine streams it (stop strings already cut); the engine's request
     cancelled when the client goes away (a watcher notices even while nothing is being written, e.g. during
@@ -447,15 +459,7 @@ class _Reply:
     def __init__(self, reply: ReplyStream, request: Request):
         self.reply, self.request = reply, request
         self.text = ""
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        while not self.reply.finished:
-            if await self.request.is_disconnected():
-                log.info("/v1 client went away: stopping its reply")
-                self.reply.cancel()
-                return
-            await asyncio.sleep(0.2)
+        self._watcher: asyncio.Task | None = asyncio.get_running_loop().create_task(_watch(reply, request))
 
     async def pieces(self) -> AsyncIterator[str]:
         try:
@@ -463,7 +467,9 @@ class _Reply:
                 self.text += text
                 yield text
         finally:
-            self._watcher.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
+                self._watcher = None
             self.reply.close()
 
     def usage(self) -> dict:

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,10 +40,10 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from . import conversation as conv
 from . import reuse
-from .engine import POLL_S, Engine, Prepared, ReplyStream, default_batch, prepare
+from .engine import END, POLL_S, Engine, Prepared, ReplyStream, default_batch, prepare
 from .media import load_image
 from .model import ModelHandle, ModelLoadError, get_model, resolve_device, resolve_model_id, resolve_source
-from .request import EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory
+from .request import EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, as_generation_error
 from .reuse import ReuseCache
 from .sampling import GenerationError, GenerationParams
 from .settings import Settings
@@ -130,7 +130,7 @@ class EngineReplica:
             yield ("error", type(exc).__name__, str(exc))
         except Exception as exc:  # noqa: BLE001 - one reply's failure, reported to its caller only
             log.exception("reply failed in replica %s", self.name)
-            yield ("error", "GenerationError", f"Generation failed: {type(exc).__name__}: {exc}")
+            yield ("error", "GenerationError", str(as_generation_error(exc)))
         finally:
             reply.close()  # a cancelled generator (Stop) ends here: the engine drops the request
 
@@ -235,22 +235,18 @@ class NoPrefetch:
 
 
 class RemoteReply(ReplyStream):
-    """A reply written by a replica, with the local Reply's interface: text increments, live stats, cancel.
-
-    A thread reads the replica's stream into a queue (so that a sync and an async consumer read it alike);
-    a replica that dies mid-reply ends it with a specific error, and silence for the stall timeout ends it too.
-    """
+    """A reply written by a replica, read like a local one (`ReplyStream`): a thread pumps the replica's events
+    into the stream's items; a replica that dies mid-reply ends it with a specific error, and silence for the
+    stall timeout ends it too. `cancel` cancels the replica's generator, which asks its engine to stop."""
 
     def __init__(self, engine: RemoteEngine, prepared: Prepared, params: GenerationParams, stop: Sequence[str],
                  affinity: Sequence[str]):
+        super().__init__(engine.limits.token_timeout_s)
         self.prompt, self.inputs = prepared.prompt, prepared.inputs
-        self.timeout_s = engine.limits.token_timeout_s
         self.stats = GenerationStats(prompt_tokens=int(prepared.inputs["input_ids"].shape[-1]),
                                      images=len(prepared.keys))
-        self.notify: Callable[[], None] | None = None
-        self._events: queue.Queue[tuple] = queue.Queue()
+        self._notify: Callable[[], None] | None = None
         self._closed = threading.Event()
-        self._last_seen = time.monotonic()
         # Images travel as the processor's tensors (in `inputs`); the prompt's images stay here.
         self._call = lambda: engine.deployment.options(stream=True).generate.remote(
             dataclasses.replace(prepared, prompt=None), params, tuple(stop), affinity=tuple(affinity))
@@ -258,15 +254,15 @@ class RemoteReply(ReplyStream):
         if first[0] == "error" and first[1] == "ReplicaDied":
             # The replica died before it began (Serve had not noticed yet): nothing was written, so try once more.
             log.warning("an engine replica was gone before a reply began: sending it to another one")
-            self._events, self._closed = queue.Queue(), threading.Event()
+            self._items, self._closed = queue.Queue(), threading.Event()
             first = self._start()
-        self._handle(first)
+        self._read(first)
 
     def _start(self) -> tuple:
         """Send the request and wait for the replica to take it, so that a full line is refused here as it is
         in-process (a 429). Returns the first event."""
         self._response = self._call()
-        threading.Thread(target=self._pump, args=(self._response, self._events), name="dsvl-replica-stream",
+        threading.Thread(target=self._pump, args=(self._response, self._items), name="dsvl-replica-stream",
                          daemon=True).start()
         first = self._next(FIRST_EVENT_S)
         if first is None:
@@ -274,8 +270,6 @@ class RemoteReply(ReplyStream):
             raise EngineBusy("No engine replica took the request within "
                              f"{FIRST_EVENT_S:.0f} s: every replica is busy or starting. Try again shortly.")
         return first
-
-    # -- the stream from the replica
 
     def _pump(self, response: Any, events: queue.Queue) -> None:
         try:
@@ -288,19 +282,23 @@ class RemoteReply(ReplyStream):
 
     def _put(self, events: queue.Queue, event: tuple) -> None:
         events.put(event)
-        if (notify := self.notify) is not None:
+        if (notify := self._notify) is not None:
             notify()
 
-    def _next(self, timeout: float) -> tuple | None:
-        try:
-            event = self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        self._last_seen = time.monotonic()
-        return event
+    # -- ReplyStream
 
-    def _handle(self, event: tuple) -> str | None:
-        """Apply one event; the text it carries, "" for progress only, None at the end. Raises its error."""
+    @property
+    def finished(self) -> bool:
+        return self.stats.finished or self._closed.is_set()
+
+    def cancel(self, reason: str = "stopped") -> None:
+        """Stop this reply: cancelling the replica's generator closes its reply there, which asks its engine."""
+        if not self._closed.is_set():
+            self._closed.set()
+            if ray.is_initialized():  # (after shutdown a call would start a new Ray instance)
+                self._response.cancel()
+
+    def _read(self, event: tuple) -> Any:
         kind, payload, extra = event
         if kind == "error":
             self.stats.stop_reason = "error" if payload != "GenerationTimeout" else "timeout"
@@ -311,69 +309,20 @@ class RemoteReply(ReplyStream):
             replica = self.stats.replica or extra.replica
             self.stats = dataclasses.replace(extra, replica=replica)
         if kind in ("end", "closed"):
-            if not self.stats.finished:  # the stream ended without its end: cancelled here
+            if not self.stats.finished:
+                # Cancelled from here: the replica's engine ends it, but its last word cannot come back any more.
                 self.stats.stop_reason = "stopped"
-            return None
+            return END
         return payload
 
-    def _check_stall(self) -> None:
-        if time.monotonic() - self._last_seen > self.timeout_s and not self.finished:
-            self.cancel()
-            self.stats.stop_reason = "timeout"
-            raise GenerationTimeout(f"Generation stalled: no word from the engine replica for {self.timeout_s:.0f} s, "
-                                    "so the reply was stopped.")
+    def _stalled(self) -> GenerationTimeout:
+        self.cancel("timeout")
+        self.stats.stop_reason = "timeout"
+        return GenerationTimeout(f"Generation stalled: no word from the engine replica for {self.timeout_s:.0f} s, "
+                                 "so the reply was stopped.")
 
-    # -- the reply interface (ReplyStream)
-
-    @property
-    def finished(self) -> bool:
-        return self.stats.finished or self._closed.is_set()
-
-    def cancel(self) -> None:
-        """Stop this reply: cancelling the replica's generator stops its work there."""
-        if not self._closed.is_set():
-            self._closed.set()
-            if ray.is_initialized():  # (after shutdown a call would start a new Ray instance)
-                self._response.cancel()
-
-    def updates(self, poll_s: float = POLL_S) -> Iterator[str | None]:
-        """Text increments, and None every `poll_s` while nothing arrives (to refresh a place in line)."""
-        try:
-            while True:
-                event = self._next(poll_s)
-                if event is None:
-                    self._check_stall()
-                    yield None
-                    continue
-                piece = self._handle(event)
-                if piece is None:
-                    return
-                yield piece or None
-        finally:
-            self.close()
-
-    async def aiter(self, poll_s: float = POLL_S, ticks: bool = False) -> AsyncIterator[str | None]:
-        """Text increments for an asyncio consumer, without holding a thread while it waits."""
-        loop, arrived = asyncio.get_running_loop(), asyncio.Event()
-        self.notify = lambda: loop.call_soon_threadsafe(arrived.set)
-        try:
-            while True:
-                arrived.clear()
-                while (event := self._next(0)) is not None:
-                    piece = self._handle(event)
-                    if piece is None:
-                        return
-                    if piece or ticks:
-                        yield piece or None
-                try:
-                    await asyncio.wait_for(arrived.wait(), poll_s)
-                except TimeoutError:
-                    self._check_stall()
-                    if ticks:
-                        yield None
-        finally:
-            self.notify = None
-            self.close()
+    def _listen(self, notify: Callable[[], None] | None) -> None:
+        self._notify = notify
 
 
 def _failure_event(exc: BaseException, cancelled: bool) -> tuple:

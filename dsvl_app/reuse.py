@@ -19,7 +19,8 @@ Memory: entries live on the model's device; their bytes never exceed the cap les
 `reserve`s for the replies being written (least-recently-used entries go first), entries idle longer
 than `idle_s` are dropped, and `clear()` empties everything (on out of memory). A reply *takes* its
 entry out (no two replies share one) and copies the matching part into a static cache of its own
-(`new_cache`); only a reply that ends without error puts an entry back. No
+(`new_cache`); a reply that ends puts a longer entry back, and one cancelled or failed before its reply
+began gives the entry it took back (`give_back`). No
 gradio, no model loading: the model is passed in.
 """
 
@@ -183,10 +184,17 @@ class _Features:
 
 @dataclass(frozen=True)
 class Taken:
-    """What `take_prefix` found: keys/values of which the first `length` tokens match (None: nothing)."""
+    """What `take_prefix` found: keys/values of which the first `length` tokens match (None: nothing), and the
+    entry itself when it was taken out of the store (`give_back` puts it back if the request never finishes)."""
 
     kv: KV | None
     length: int
+    entry: _Prefix | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held outside the store while this is taken."""
+        return self.entry.nbytes if self.entry is not None else 0
 
 
 @dataclass
@@ -304,7 +312,7 @@ class ReuseCache:
             entry = self._items[best_key]
             if 2 * best_len >= entry.ids.shape[0]:
                 self._remove(best_key)
-                return Taken(entry.kv, best_len)
+                return Taken(entry.kv, best_len, entry)
             entry.last_used = self._clock()
             self._items.move_to_end(best_key)
             return Taken(entry.kv, best_len)
@@ -323,6 +331,17 @@ class ReuseCache:
                     self._remove(key)
             self._next_id += 1
             return self._admit(("kv", self._next_id), _Prefix(ids, tuple(spans), kv, kv_nbytes(kv), now))
+
+    def give_back(self, taken: Taken) -> bool:
+        """Put back an entry `take_prefix` took out, for a request that was cancelled or failed before its reply
+        could store a longer one: its conversation's next turn then still finds it."""
+        entry = taken.entry
+        if entry is None or not self.enabled:
+            return False
+        with self._lock:
+            entry.last_used = self._clock()
+            self._next_id += 1
+            return self._admit(("kv", self._next_id), entry)
 
     # -- image features
 
@@ -390,15 +409,17 @@ class Plan:
         return self.images - self.images_encoded
 
 
-def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], spans: Sequence[ImageSpan], capacity: int) -> Plan:
-    """Start a prefill from what `store` holds: the longest reusable prefix copied into a static cache of
-    `capacity` positions, and features (cached, or encoded now and cached) for the images after that prefix
-    only. With the store off, nothing is found and every image is encoded.
+def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], spans: Sequence[ImageSpan], capacity: int,
+         taken: Taken | None = None) -> Plan:
+    """Start a prefill from what `store` holds: the longest reusable prefix (`taken`, else taken now) copied into a
+    static cache of `capacity` positions, and features (cached, or encoded now and cached) for the images after
+    that prefix only. With the store off, nothing is found and every image is encoded.
 
     `inputs` are on the model's device; `spans` carry `image_keys` of the processor's own (CPU) output.
     """
     ids = inputs["input_ids"][0].detach().to("cpu")
-    taken = store.take_prefix(ids, spans)
+    if taken is None:
+        taken = store.take_prefix(ids, spans)
     suffix = [i for i, span in enumerate(spans) if span.start >= taken.length]
     features = {i: store.get_features(spans[i].key) for i in suffix}
     missing = [i for i in suffix if features[i] is None]

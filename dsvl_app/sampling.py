@@ -1,10 +1,17 @@
-"""How one reply picks its tokens and turns them into text: parameters, sampling, detokenising, stop strings.
+"""How replies pick their tokens: parameters, generate's logits processors, and sampling every row at once.
 
-Every request owns one `Sampler` and one `TextStream`, so a reply never depends on who else is decoded
-in the same step: its logits processors see only its own history, and its random draws come from its
-own seeded generator. The processors are the ones `generate` would build from the checkpoint's
-generation config, so a reply alone is token for token what `model.generate` gives (tested). No
-gradio, no scheduling.
+Every request owns one `Sampler`: the logits processors `generate` would build from the checkpoint's
+generation config and the request's parameters, and its own seeded random generator, so a reply never
+depends on who else is decoded in the same step and a reply alone is token for token what
+`model.generate` gives (tested).
+
+`sample_rows` picks the next token of every row of a decode step together: repetition penalty,
+temperature, top-k, top-p and min-p applied to all rows at once with per-row values as tensors, greedy
+rows by one argmax, sampled rows by the draw `torch.multinomial` itself makes (one exponential draw per
+row from that row's generator, then one argmax) — each row's result bit for bit what its own processors
+and `multinomial` give (tested). A row with a processor that has no batched form (a `logit_bias`) takes
+its own path. The tokens stay on the device: the caller reads them all with one transfer. No gradio,
+no scheduling.
 """
 
 from __future__ import annotations
@@ -15,6 +22,13 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 class GenerationError(RuntimeError):
@@ -107,8 +121,54 @@ def logits_processors(model: Any, params: GenerationParams, prompt_tokens: int) 
     )
 
 
+# The processors with a batched form, in the order generate applies them.
+BATCHED = (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+           MinPLogitsWarper)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one row's processors do, as numbers `sample_rows` applies to all rows at once (neutral values: off)."""
+
+    penalty: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    sample: bool = False
+
+
+def row_spec(processors: LogitsProcessorList, sample: bool) -> RowSpec | None:
+    """`processors` as a RowSpec, or None when one has no batched form here (a logit_bias, say) or they are
+    not in generate's order: that row then takes its own path."""
+    kinds = [type(p) for p in processors]
+    if any(kind not in BATCHED for kind in kinds):
+        return None
+    order = [BATCHED.index(kind) for kind in kinds]
+    if order != sorted(set(order)):
+        return None
+    values: dict[str, Any] = {"sample": sample}
+    for p in processors:
+        if isinstance(p, RepetitionPenaltyLogitsProcessor):
+            if p.prompt_ignore_length is not None:
+                return None
+            values["penalty"] = float(p.penalty)
+        elif isinstance(p, TemperatureLogitsWarper):
+            values["temperature"] = float(p.temperature)
+        else:
+            if p.filter_value != -float("inf") or p.min_tokens_to_keep != 1:
+                return None
+            if isinstance(p, TopKLogitsWarper):
+                values["top_k"] = int(p.top_k)
+            elif isinstance(p, TopPLogitsWarper):
+                values["top_p"] = float(p.top_p)
+            else:
+                values["min_p"] = float(p.min_p)
+    return RowSpec(**values)
+
+
 class Sampler:
-    """Picks one request's next token from its logits: its own processors, its own random generator."""
+    """One request's way of picking tokens: its own processors, its own random generator."""
 
     def __init__(self, model: Any, params: GenerationParams, prompt_tokens: int):
         self.params = params
@@ -122,75 +182,120 @@ class Sampler:
                 self.generator.seed()
             else:
                 self.generator.manual_seed(int(params.seed))
+        self.spec = row_spec(self.processors, sample=not params.greedy)
 
-    def choose(self, history: torch.Tensor, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """(next token, the float32 logits it was chosen from) for `history` ([1, T]) and raw logits ([1, V])."""
-        raw = logits.to(copy=True, dtype=torch.float32)
+    def own(self, history: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """This row alone ([1] on the device): its processors on float32 logits `raw` ([1, V]), then argmax or a
+        draw, exactly as generate does it."""
         scores = self.processors(history, raw) if self.processors else raw
         if self.generator is None:
-            token = torch.argmax(scores, dim=-1)
+            return torch.argmax(scores, dim=-1)
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+
+def sample_rows(samplers: Sequence[Sampler], histories: Sequence[torch.Tensor],
+                logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row ([n] on the device) and the float32 logits they were chosen from ([n, V]).
+
+    `histories[i]` ([1, T_i]) is row i's prompt and reply so far (for its repetition penalty)."""
+    raw = logits.to(copy=True, dtype=torch.float32)
+    specs = [sampler.spec for sampler in samplers]
+    batched = [i for i, spec in enumerate(specs) if spec is not None]
+    if len(batched) == len(samplers):
+        return _sample_batched(samplers, specs, histories, raw), raw  # type: ignore[arg-type]
+    tokens = torch.empty(len(samplers), dtype=torch.long, device=raw.device)
+    if batched:
+        index = on_device(batched, torch.long, raw.device)
+        tokens[index] = _sample_batched([samplers[i] for i in batched], [specs[i] for i in batched],  # type: ignore[misc]
+                                        [histories[i] for i in batched], raw[index])
+    for i, spec in enumerate(specs):
+        if spec is None:
+            tokens[i: i + 1] = samplers[i].own(histories[i], raw[i: i + 1])
+    return tokens, raw
+
+
+def on_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on `device` without waiting for the device: a plain copy to a GPU waits for its
+    stream to drain, one from pinned memory with non_blocking is queued like a kernel."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Per-row float32 values as an [n, 1] column."""
+    return on_device([[v] for v in values], torch.float32, device)
+
+
+def _divide(scores: torch.Tensor, divisors: Sequence[float]) -> torch.Tensor:
+    """`scores / d` row by row, rounded as `scores / python_float` is where generate does it: on CUDA PyTorch
+    multiplies by the float32 reciprocal of a scalar divisor, on the CPU it divides."""
+    if scores.device.type == "cuda":
+        return scores * _column([float(torch.tensor(1.0) / torch.tensor(d, dtype=torch.float32)) for d in divisors],
+                                scores.device)
+    return scores / _column(divisors, scores.device)
+
+
+def _repetition_penalty(specs: Sequence[RowSpec], histories: Sequence[torch.Tensor],
+                        scores: torch.Tensor) -> torch.Tensor:
+    """RepetitionPenaltyLogitsProcessor's computation for all rows: each row's own history (padded with its own
+    first token, which changes nothing: a repeated index gathers and scatters the same value), its own penalty
+    (1.0 leaves a row exactly as it is)."""
+    vocab = scores.shape[-1]
+    width = max(int(h.shape[-1]) for spec, h in zip(specs, histories, strict=True) if spec.penalty != 1.0)
+    rows = []
+    for spec, history in zip(specs, histories, strict=True):
+        if spec.penalty == 1.0:
+            rows.append(torch.zeros((1, width), dtype=torch.long, device=scores.device))
         else:
-            probs = torch.nn.functional.softmax(scores, dim=-1)
-            token = torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
-        return int(token), raw
+            rows.append(torch.cat([history, history[:, :1].expand(1, width - history.shape[-1])], dim=1))
+    ids = torch.cat(rows).clamp(max=vocab)
+    penalty = _column([spec.penalty for spec in specs], scores.device)
+    padded = torch.nn.functional.pad(scores, (0, 1))
+    score = torch.gather(padded, 1, ids)
+    score = torch.where(score < 0, score * penalty, _divide(score, [spec.penalty for spec in specs]))
+    return padded.scatter(1, ids, score)[..., :vocab]
 
 
-class TextStream:
-    """Token ids in, text increments out, exactly as transformers' streamer prints them: per token, special
-    tokens skipped, half a multi-byte character held back until the rest arrives."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        self._tokens: list[int] = []
-        self._printed = 0
-
-    def put(self, token: int) -> str:
-        self._tokens.append(token)
-        text = self.tokenizer.decode(self._tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # half of a multi-byte character: wait for the rest
-        printable, self._printed = text[self._printed:], len(text)
-        if text.endswith("\n"):
-            self._tokens, self._printed = [], 0  # keep re-decoding bounded
-        return printable
-
-    def flush(self) -> str:
-        """Whatever is held back, once the reply has ended."""
-        text = self.tokenizer.decode(self._tokens, skip_special_tokens=True) if self._tokens else ""
-        rest = text[self._printed:]
-        self._tokens, self._printed = [], 0
-        return rest
-
-
-class StopText:
-    """Cuts a streamed reply at the first stop string, holding back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str] = ()):
-        self.stops = tuple(stops)
-        self.text = ""  # everything emitted so far
-        self._pending = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """The part of `piece` that is certainly reply text (empty once stopped)."""
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return self._emit(piece)
-        buffer = self._pending + piece
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self._pending = True, ""
-            return self._emit(buffer[:cut])
-        hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if buffer.endswith(s[:k])), default=0)
-        self._pending = buffer[len(buffer) - hold:] if hold else ""
-        return self._emit(buffer[: len(buffer) - hold])
-
-    def flush(self) -> str:
-        """What was held back, once the reply ended without a stop string."""
-        rest, self._pending = self._pending, ""
-        return "" if self.stopped else self._emit(rest)
-
-    def _emit(self, text: str) -> str:
-        self.text += text
-        return text
+def _sample_batched(samplers: Sequence[Sampler], specs: Sequence[RowSpec], histories: Sequence[torch.Tensor],
+                    scores: torch.Tensor) -> torch.Tensor:
+    """generate's processors and choice for rows that all have a RowSpec, as one computation (see sample_rows)."""
+    device, vocab = scores.device, scores.shape[-1]
+    inf = float("inf")
+    if any(spec.penalty != 1.0 for spec in specs):
+        scores = _repetition_penalty(specs, histories, scores)
+    if any(spec.temperature != 1.0 for spec in specs):
+        scores = _divide(scores, [spec.temperature for spec in specs])
+    if any(spec.top_k for spec in specs):
+        ks = [min(spec.top_k, vocab) for spec in specs]
+        kth = torch.topk(scores, max(ks))[0].gather(1, on_device([[max(k, 1) - 1] for k in ks], torch.long, device))
+        on = on_device([[k > 0] for k in ks], torch.bool, device)
+        scores = scores.masked_fill(scores < torch.where(on, kth, -inf), -inf)
+    if any(spec.top_p < 1.0 for spec in specs):
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # A row without top-p compares with -1: nothing is removed.
+        remove = cumulative <= _column([1 - spec.top_p if spec.top_p < 1.0 else -1.0 for spec in specs], device)
+        remove[..., -1:] = 0
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), -inf)
+    if any(spec.min_p > 0.0 for spec in specs):
+        probs = torch.softmax(scores, dim=-1)
+        remove = probs < _column([spec.min_p for spec in specs], device) * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)
+        scores = scores.masked_fill(remove, -inf)
+    greedy = torch.argmax(scores, dim=-1)
+    sampled = [i for i, spec in enumerate(specs) if spec.sample]
+    if not sampled:
+        return greedy
+    # torch.multinomial(p, 1) is argmax(p / q) with q ~ Exp(1) drawn from its generator (its one-sample path):
+    # each sampled row draws its q from its own generator, then one division and one argmax serve all rows.
+    probs = torch.nn.functional.softmax(scores, dim=-1)
+    noise = torch.ones_like(probs)
+    for i in sampled:
+        noise[i].exponential_(1.0, generator=samplers[i].generator)
+    drawn = (probs / noise).argmax(dim=-1)
+    if len(sampled) == len(specs):
+        return drawn
+    return torch.where(on_device([spec.sample for spec in specs], torch.bool, device), drawn, greedy)

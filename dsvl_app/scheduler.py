@@ -1,32 +1,38 @@
-"""The engine room's scheduler: one thread owns the model and moves every reply through it.
+"""The engine room's scheduler: one thread owns the model and every request's life.
 
 Each turn of its loop (`step`):
 
-1. drops what was cancelled (Stop, a closed tab, a dropped `/v1` client) — only that request;
-2. admits the next request in line when a decode row is free (`batch`) and the keys/values it needs
-   fit in the memory budget beside the replies running (the reuse cache gives way first); a request
-   that does not fit waits, first come first served — it never runs another out of memory;
-3. feeds part of that request's prompt (the **prefill**): its images are encoded (or their cached
-   features used), the part of the prompt an earlier turn computed is taken from the reuse cache, and
-   the rest goes through the model — all of it at once when no other reply is decoding (exactly
-   today's computation), else `chunk_tokens` at a time;
-4. runs one **decode step**: one token for every decoding reply, in one forward over all their rows
-   (`slots.SlotPool`) — or one forward per row where that measures faster (`DecodePolicy`).
+1. **reap**: requests whose consumer asked to cancel (Stop, Clear, a closed tab, a dropped `/v1` client,
+   a replica's Stop, the stall timeout) end now, whatever their status — a waiting one leaves the line
+   and is never prefilled, a decoding one leaves its row;
+2. **admit** the first request in line when the planner says it fits (`planner.admission`: a free row,
+   and its keys/values reserved in the budget before they exist); its reuse prefix is taken and its
+   images encoded (`Runner.start_prefill`);
+3. **prefill**: feed the planner's next piece of its prompt — all of it when nobody else is decoding
+   (exactly the computation of a reply alone), else `chunk_tokens`; when the prompt is read, its first
+   token is picked and it joins the decode pool;
+4. **decode**: plan (which rows each forward takes, how far they look back) → run (the forwards, every
+   row's token picked together, one read of the tokens) → apply (each row accepts its token, detokenises,
+   checks stop strings, or ends). Whatever fails in one row's forward, sampling or text ends that row only,
+   with its own message; out of memory ends the newest joiner after the rows that ran are applied.
 
-A prefill chunk or an image encode can take seconds on a CPU, far longer than a decode step, so the
-scheduler also *yields* inside them: a hook before every decoder and vision layer runs a decode step
-for the replies already streaming whenever one is due. Running streams keep flowing at about half
-their speed while a newcomer's prompt is read, whatever the device. The same hook is the engine's
-heartbeat: a long prefill is progress, not a stall.
+A prefill forward or image encode takes seconds on a CPU, far longer than a decode step, so the
+scheduler hears of every layer (`_on_layer`, a hook installed by the runner): it is the heartbeat (a long
+prefill is progress, not a stall), the moment a cancelled prefill stops (at its next layer, a lone
+whole-prompt prefill too), and the chance to run a decode step for the streaming replies when one is
+due — they keep flowing at about half their speed while a newcomer is read.
 
-A reply that ends gives its row back and its keys/values to the reuse cache. A failure ends only its
-own request; out of memory in a shared decode step ends the newest joiner and the others go on.
+Memory: every byte of keys/values is reserved in one `Budget` before it is allocated; the reuse cache
+gives way. A reply that ends gives its row back and its keys/values to the reuse cache; a request
+cancelled or failed before its reply began gives back the reuse prefix it took.
+
+Only this thread writes a request's status; nothing it runs can kill it: an unexpected error ends the
+requests it may have left half-done, and a thread that dies anyway is started again while work waits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import logging
 import threading
@@ -37,144 +43,27 @@ from typing import Any
 
 import torch
 
-from . import reuse
-from .request import EngineBusy, OutOfMemory, Request, oom_message
+from . import planner
+from .budget import Budget
+from .planner import DECODE_MODES, DecodePolicy
+from .request import EngineBusy, OutOfMemory, Request, as_generation_error, oom_message
+from .runner import Runner, layer_owners, model_inputs, return_freed_memory
 from .sampling import GenerationError
-from .slots import SlotPool
 
 log = logging.getLogger(__name__)
 
-DECODE_MODES = ("auto", "together", "rows")
+__all__ = ["DECODE_MODES", "DecodePolicy", "Scheduler", "layer_owners", "model_inputs"]
+
 # While a prompt is read, a decode step for the streaming replies is due once this many decode steps' worth of
 # time went to the prompt: they keep ~57 % of the machine, their gaps stay under ~2 steps plus one layer.
 PREFILL_SLICE = 0.75
 IDLE_EXIT_S = 10.0  # an idle scheduler's thread ends; the next request starts another
+REAP_EVERY_S = 0.2  # during a long forward, the line is looked at this often (a cancelled wait leaves it)
+TRIM_EVERY_S = 30.0  # while busy, freed heap memory goes back to the system at most this often (always when idle)
 
 
-def model_inputs(model: Any, inputs: Any) -> dict[str, Any]:
-    """Processor outputs on the model's device, floating tensors in its dtype."""
-    moved = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(model.device)
-            if value.is_floating_point():
-                value = value.to(model.dtype)
-        moved[key] = value
-    return moved
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what a failed step held, so the next one can run."""
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------- the three model calls
-
-
-def embed_prompt(model: Any, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-    """Token embeddings of `ids` ([1, n]) with image features scattered into their placeholders, as the
-    model's own forward does it — once, so that the prompt can then be fed in chunks (the model's forward
-    refuses a chunk that splits an image)."""
-    embeds = model.get_input_embeddings()(ids)
-    if features is not None:
-        mask = (ids == model.config.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(mask, features.reshape(-1, embeds.shape[-1]).to(embeds.device, embeds.dtype))
-    return embeds
-
-
-def prefill(model: Any, embeds: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
-    """Feed prompt positions `[start, start + n)`; the last position's logits ([1, vocab])."""
-    positions = torch.arange(start, start + embeds.shape[1], device=embeds.device).unsqueeze(0)
-    out = model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1]
-
-
-def decode(model: Any, pool: SlotPool, rows: list[Request], start: int) -> torch.Tensor:
-    """One token for each of `rows` (pool rows `[start, start + len(rows))`); their logits ([n, vocab])."""
-    device = pool.device
-    positions = torch.tensor([r.pos for r in rows], device=device)
-    view_len = max(r.capacity for r in rows)
-    ids = torch.tensor([[r.last_token] for r in rows], device=device)
-    # A 4D boolean mask is used as given (a 2D one would share one causal offset across rows).
-    mask = (torch.arange(view_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-    cache = pool.view(start, start + len(rows), positions, view_len)
-    out = model(input_ids=ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1]
-
-
-def layer_owners(model: Any) -> dict[int, Scheduler]:
-    """The schedulers running forwards on `model`, by thread. One pre-hook per decoder and vision layer is
-    installed once per model and calls the scheduler of the thread running the forward (none: no-op), so
-    engines that come and go never add or remove hooks while another thread may be inside a forward."""
-    owners = getattr(model, "_dsvl_layer_owners", None)
-    if owners is None:
-        owners = {}
-
-        def before_layer(module: Any, args: Any) -> None:
-            scheduler = owners.get(threading.get_ident())
-            if scheduler is not None:
-                scheduler._on_layer()
-
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.ModuleList) and name.endswith("layers"):
-                for layer in module:
-                    layer.register_forward_pre_hook(before_layer)
-        model._dsvl_layer_owners = owners
-    return owners
-
-
-# ---------------------------------------------------------------- one forward for all rows, or one per row?
-
-
-class DecodePolicy:
-    """Decode n rows in one forward ("together") or one forward per row ("rows")?
-
-    On a GPU a step for 8 rows costs about one row's (the weights are read once). On some CPUs a small
-    batched matrix product costs more than the rows one by one (measured 0.75-1.5× the aggregate speed of
-    one row on a 2-core AVX2 machine). "auto" measures both as it runs, keeps whichever is cheaper per
-    token at each batch size, and probes the other again every `probe_every` steps (context grows).
-    Either way every reply gets a token per step: the fairness is the same.
-    """
-
-    def __init__(self, mode: str = "auto", probe_every: int = 40, alpha: float = 0.3):
-        if mode not in DECODE_MODES:
-            raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-        self.mode, self.probe_every, self.alpha = mode, probe_every, alpha
-        self.single: float | None = None  # seconds of a one-row forward
-        self.together: dict[int, float] = {}  # seconds of an n-row forward
-        self._steps: dict[int, int] = {}
-
-    def use_together(self, n: int) -> bool:
-        if n == 1 or self.mode != "auto":
-            return n == 1 or self.mode == "together"
-        batched = self.together.get(n)
-        if batched is None:
-            return True  # measure it
-        if self.single is None:
-            return False  # measure one row alone
-        better = batched <= n * self.single
-        self._steps[n] = self._steps.get(n, 0) + 1
-        return not better if self._steps[n] % self.probe_every == 0 else better
-
-    def record(self, n: int, together: bool, seconds: float) -> None:
-        """A step of n rows took `seconds` (all its forwards)."""
-        def ema(old: float | None, new: float) -> float:
-            return new if old is None else (1 - self.alpha) * old + self.alpha * new
-
-        if n == 1 or not together:
-            self.single = ema(self.single, seconds / n)
-        else:
-            self.together[n] = ema(self.together.get(n), seconds)
-
-    def describe(self) -> str:
-        return {"auto": "auto (one forward for all rows, or one per row where that measures faster)",
-                "together": "one forward for all rows", "rows": "one forward per row"}[self.mode]
-
-
-# ---------------------------------------------------------------- the scheduler
+class _Cancelled(Exception):
+    """Raised inside a forward (at a layer) to stop the prefill of a request whose consumer cancelled it."""
 
 
 class Scheduler:
@@ -188,32 +77,35 @@ class Scheduler:
     def __init__(self, handle: Any, batch: int, budget_bytes: int, queue_size: int, decode_mode: str = "auto",
                  chunk_tokens: int = 256, inline: bool = False):
         self.handle = handle
+        self.runner = Runner(handle)
         self.model = handle.model
-        self.store: reuse.ReuseCache = handle.reuse
+        self.store = handle.reuse
+        self.pool = self.runner.pool
+        self.budget = Budget(budget_bytes, self.store)
         self.batch = max(1, int(batch))
-        self.budget = int(budget_bytes)
         self.queue_size = int(queue_size)
         self.chunk_tokens = max(1, int(chunk_tokens))
         self.inline = inline
-        kv_dtype = self.model.get_input_embeddings().weight.dtype
-        layers = self.model.base_model.language_model.layers
-        devices = [next(layer.parameters()).device for layer in layers]
-        self.pool = SlotPool(self.model.config, handle.device, kv_dtype, devices)
-        self.policy = DecodePolicy(decode_mode)
+        self.policy = DecodePolicy(decode_mode, device=self.runner.device.type)
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
         self.running: list[Request] = []  # index = pool row
         self.background: deque[Callable[[], None]] = deque()  # encode-ahead jobs, run only when idle
         self.heartbeat = time.monotonic()  # last sign of progress (a layer started, a step ended)
         self.steps = 0  # decode steps run (for tests and meters)
+        self.restarts = 0  # times the thread died and was started again (for tests and logs)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        layer_owners(self.model)  # installs the layer hooks (once per model), before any thread runs forwards
         self._drive_lock = threading.Lock()
-        self._yield_ok = False
+        self._yield_ok = False  # a decode step may run inside the current forward
+        self._in_decode = False  # a decode step is running (its layers are not a prefill's)
+        self._stoppable = False  # the current forward is the prefilling request's: a cancel stops it
         self._last_decode = 0.0
+        self._last_reap = 0.0
         self._step_s: float | None = None  # recent decode step time (the gap a stream sees when nobody prefills)
         self._joined = itertools.count()
+        self._served = False  # a request ended since the heap was last trimmed
+        self._last_trim = time.monotonic()
 
     # ------------------------------------------------ any thread
 
@@ -260,14 +152,23 @@ class Scheduler:
     # ------------------------------------------------ the loop
 
     def _run(self) -> None:
-        with self._hooks(), torch.inference_mode():
-            while True:
-                with self._cond:
-                    while not (self.busy or self.background):
-                        if not self._cond.wait(IDLE_EXIT_S) and not (self.busy or self.background):
-                            self._thread = None
-                            return
-                self.step()
+        try:
+            with self._hooks(), torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not (self.busy or self.background):
+                            if not self._cond.wait(IDLE_EXIT_S) and not (self.busy or self.background):
+                                self._thread = None
+                                return
+                    self.step()
+        except BaseException:  # noqa: BLE001 - step() contains failures; this is the last line of defence
+            log.exception("the engine's thread died")
+            with self._cond:
+                self._thread = None
+                self.restarts += 1
+                if self.busy or self.background:
+                    with contextlib.suppress(RuntimeError):  # (no new thread while the interpreter shuts down)
+                        self._wake()  # never dead with requests waiting: a new thread takes over
 
     @contextlib.contextmanager
     def _hooks(self) -> Iterator[None]:
@@ -280,26 +181,35 @@ class Scheduler:
             owners.pop(me, None)
 
     def _on_layer(self) -> None:
-        """Before a layer runs: the heartbeat, and a decode step for the streaming replies when one is due."""
+        """Before a layer runs: the heartbeat; the line's cancellations; a cancelled prefill stops here; a decode
+        step for the streaming replies when one is due."""
         now = time.monotonic()
         self.heartbeat = now
+        if self._in_decode:
+            return  # a decode step's own layers
+        if now - self._last_reap >= REAP_EVERY_S:
+            self._last_reap = now
+            self._reap_line()
+        if self._stoppable and self.prefilling is not None and self.prefilling.cancelled.is_set():
+            raise _Cancelled
         if self._yield_ok and self.running and now - self._last_decode >= PREFILL_SLICE * (self._step_s or 0.0):
             self._yield_ok = False  # no nesting: this step's own layers come through here too
             try:
                 self._decode_step()
             except Exception as exc:  # noqa: BLE001 - a decode bug must not fail the prefill it interrupted
-                self._abort_running(exc)
+                self._contain(exc, prefill_too=False)
             finally:
                 self._yield_ok = True
 
     @contextlib.contextmanager
-    def _yielding(self) -> Iterator[None]:
-        """Decode steps may run inside the forwards in this block (only when some reply is decoding)."""
-        self._yield_ok = bool(self.running)
+    def _prefill_forward(self) -> Iterator[None]:
+        """A forward of the prefilling request: a cancel stops it at the next layer, and decode steps may run
+        inside it (only when some reply is decoding)."""
+        self._stoppable, self._yield_ok = True, bool(self.running)
         try:
             yield
         finally:
-            self._yield_ok = False
+            self._stoppable = self._yield_ok = False
 
     def step(self) -> None:
         """One turn of the loop; see the module docstring. Never raises: failures end their requests."""
@@ -310,56 +220,78 @@ class Scheduler:
                 self._prefill_step(self.prefilling)
             if self.running:
                 self._decode_step()
-            elif not self.busy and self.background:
+            elif self.background and not self.busy:
                 self._run_background()
             self.heartbeat = time.monotonic()
+            if self._served and (not (self.busy or self.background) or time.monotonic() - self._last_trim >= TRIM_EVERY_S):
+                self._trim()  # the last reply ended (or a while passed): freed memory goes back to the system
         except Exception as exc:  # noqa: BLE001 - a bug must not leave requests hanging
-            if self.prefilling is not None:
-                self.prefilling.finish(error=GenerationError(f"Generation failed: {type(exc).__name__}: {exc}"))
-                self.prefilling = None
-            self._abort_running(exc)
+            self._contain(exc)
 
-    def _abort_running(self, exc: BaseException) -> None:
-        """An unexpected failure outside any one forward: end the replies it may have left half-done."""
+    def _contain(self, exc: BaseException, prefill_too: bool = True) -> None:
+        """An unexpected failure outside any one request's path: end the requests it may have left half-done
+        (each on its own, so that one more failure cannot stop the rest) and start from a clean state (a decode
+        step run inside a prefill leaves that prefill alone)."""
         log.error("engine step failed", exc_info=exc)
-        for request in self.running:
-            request.finish(error=GenerationError(f"Generation failed: {type(exc).__name__}: {exc}"))
+        victims = list(self.running)
         self.running = []
-        self.pool.free()
-        self._reserve()
+        if prefill_too and self.prefilling is not None:
+            victims.append(self.prefilling)
+            self.prefilling = None
+        for request in victims:
+            try:
+                request.finish("error", exc)
+            except Exception:  # noqa: BLE001 - keep ending the others
+                log.exception("could not end a request")
+        with contextlib.suppress(Exception):
+            self.pool.free()
+        with contextlib.suppress(Exception):
+            if self.prefilling is None:
+                self.budget.reset()
+            else:
+                self.budget.hold({"pool": 0})
+        with contextlib.suppress(Exception):
+            self.runner.release_memory()
 
-    # ------------------------------------------------ admission and memory
+    def _trim(self) -> None:
+        self._served, self._last_trim = False, time.monotonic()
+        return_freed_memory()
+
+    # ------------------------------------------------ cancellations
 
     def _reap(self) -> None:
-        with self._cond:
-            for request in [r for r in self.waiting if r.cancelled.is_set()]:
-                self.waiting.remove(request)
-                request.finish("stopped")
-            self._number_the_line()
-        if self.prefilling is not None and self.prefilling.cancelled.is_set():
-            self.prefilling.finish("stopped")
-            self.prefilling = None
-            self._reserve()
+        self._reap_line()
+        request = self.prefilling
+        if request is not None and request.cancelled.is_set():
+            self._end_prefill(request, request.cancel_reason or "stopped")
         for request in [r for r in self.running if r.cancelled.is_set()]:
-            self._leave(request, "stopped")
+            self._leave(request, request.cancel_reason or "stopped")
+
+    def _reap_line(self) -> None:
+        """Cancelled requests leave the line (never prefilled); the others move up."""
+        with self._cond:
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
+            for request in gone:
+                self.waiting.remove(request)
+            if gone:
+                self._number_the_line()
+        for request in gone:
+            self._end(request, request.cancel_reason or "stopped")
 
     def _number_the_line(self) -> None:  # lock held
         for place, request in enumerate(self.waiting, 1):
             request.stats.place_in_line = place
 
-    def kv_need(self, request: Request) -> int:
-        """Bytes of keys/values once `request` joins: the pool with its row, and its prefill cache meanwhile."""
-        rows = [*self.running, request]
-        pool = max(self.pool.nbytes, self.pool.bytes_for(len(rows), max(r.capacity for r in rows)))
-        return pool + request.capacity * self.pool.bytes_per_token
+    # ------------------------------------------------ admission
 
-    def kv_in_use(self) -> int:
-        prefilling = self.prefilling.capacity * self.pool.bytes_per_token if self.prefilling else 0
-        return self.pool.nbytes + prefilling
+    def _geometry(self) -> planner.PoolGeometry:
+        pool = self.pool
+        return planner.PoolGeometry(pool.rows, pool.length, pool.bytes_per_token, self.runner.align, pool.n_layers)
 
-    def _reserve(self) -> None:
-        """The reuse cache gives way to the replies being written (one budget, one device)."""
-        self.store.reserve(self.kv_in_use())
+    def need(self, request: Request) -> planner.Need:
+        """What `request` needs reserved to be read and to join the rows running now."""
+        return planner.need(self._geometry(), [r.capacity for r in self.running], request.capacity,
+                            len(request.spans) * self.runner.feature_bytes_per_image)
 
     def _admit(self) -> None:
         if self.prefilling is not None or len(self.running) >= self.batch:
@@ -368,163 +300,198 @@ class Scheduler:
             if not self.waiting:
                 return
             request = self.waiting[0]
-            if self.running and self.kv_need(request) > self.budget:
+            needed = self.need(request)
+            if not planner.admission(len(self.running), False, self.batch, needed, self.budget.room()):
                 return  # waits for memory, first in line: nobody runs out of memory for it
             self.waiting.popleft()
             self._number_the_line()
         request.started()
         self.prefilling = request
+        request.need = needed
+        self.budget.hold({("prefill", id(request)): needed.total})  # before its cache and features exist
         try:
-            inputs = model_inputs(self.model, request.inputs)
-            t0 = time.perf_counter()
-            with self._yielding():  # encoding images takes seconds on a CPU: the streams go on meanwhile
-                request.plan = reuse.plan(self.model, self.store, inputs, request.spans, request.capacity)
-            log.debug("admitted: %d prompt tokens, %d reused, %d image(s) encoded, %.3f s", request.prompt_tokens,
-                      request.plan.reused_tokens, request.plan.images_encoded, time.perf_counter() - t0)
-            self._reserve()
-            plan = request.plan
-            request.stats.reused_tokens, request.stats.images_reused = plan.reused_tokens, plan.images_reused
-            request.cursor = request.stats.prefilled_tokens = plan.reused_tokens
-            request.embeds = embed_prompt(self.model, inputs["input_ids"][:, plan.reused_tokens:], plan.features)
+            with self._prefill_forward():  # encoding images takes seconds on a CPU: the streams go on meanwhile
+                self.runner.start_prefill(request, self.budget, ("taken", id(request)))
+            request.stats.reused_tokens, request.stats.images_reused = request.plan.reused_tokens, request.plan.images_reused
+            request.stats.prefilled_tokens = request.cursor
+        except _Cancelled:
+            self._end_prefill(request, request.cancel_reason or "stopped")
         except Exception as exc:  # noqa: BLE001 - ends this request only
-            self._fail_prefill(request, exc)
+            self._end_prefill(request, error=exc)
 
     # ------------------------------------------------ prefill
 
     def _prefill_step(self, request: Request) -> None:
-        start = request.cursor
-        remaining = request.prompt_tokens - start
-        # Alone, the whole prompt in one forward: exactly the computation of a reply alone.
-        n = remaining if not self.running else min(remaining, self.chunk_tokens)
-        offset = start - request.plan.reused_tokens
+        n = planner.prefill_piece(request.cursor, request.prompt_tokens, bool(self.running), self.chunk_tokens)
         try:
             t0 = time.perf_counter()
-            with self._yielding():
-                logits = prefill(self.model, request.embeds[:, offset: offset + n], start, request.plan.cache)
-            log.debug("prefill: positions %d-%d of %d, %.3f s (decode steps inside it included)", start, start + n,
-                      request.prompt_tokens, time.perf_counter() - t0)
-            request.cursor = request.stats.prefilled_tokens = start + n
+            with self._prefill_forward():
+                logits = self.runner.prefill(request, n)
+            log.debug("prefill: positions %d-%d of %d, %.3f s (decode steps inside it included)", request.cursor,
+                      request.cursor + n, request.prompt_tokens, time.perf_counter() - t0)
+            request.cursor = request.stats.prefilled_tokens = request.cursor + n
             if request.cursor < request.prompt_tokens:
                 return
-            token, raw = request.sampler.choose(request.history_view(), logits)
-        except Exception as exc:  # noqa: BLE001 - ends this request only
-            self._fail_prefill(request, exc)
+            tokens, raw = self.runner.sample([request], logits)
+            token = self.runner.read([tokens[0]])[0]
+            end = request.accept(token, raw[0])
+        except _Cancelled:
+            self._end_prefill(request, request.cancel_reason or "stopped")
             return
-        self.prefilling = None
-        request.embeds = None
-        if request.accept(token, raw):
+        except Exception as exc:  # noqa: BLE001 - ends this request only, at once
+            self._end_prefill(request, error=exc)
+            return
+        if end is None:
             self._join(request)
-            return
-        # One token was the whole reply (end of sentence, or max_new_tokens 1): keep its prompt for the next turn.
-        cache = request.plan.cache
-        self._reserve()
-        self._keep(request, request.history[0, : request.prompt_tokens], reuse.kv_of(cache))
-        request.finish()
+        else:  # one token was the whole reply (end of sentence, max_new_tokens 1): keep its prompt for the next turn
+            self._end_prefill(request, end, keep=True)
 
-    def _fail_prefill(self, request: Request, exc: BaseException) -> None:
+    def _end_prefill(self, request: Request, reason: str = "error", error: BaseException | None = None,
+                     keep: bool = False) -> None:
+        """The prefilling request ends before joining: its reservations go; with `keep`, its prompt's keys/values go
+        to the reuse cache, else the prefix it took goes back there (unless memory ran out)."""
         self.prefilling = None
-        request.plan = request.embeds = None
-        request.finish(error=self._as_error(exc, request))
-        self._reserve()
-        release_memory(self.pool.device)
-
-    def _pool_shape(self, rows: int, length: int) -> tuple[int, int]:
-        """The pool's shape for `rows` rows of `length` positions: as it is when it fits already, else grown
-        by doubling its rows (up to --batch) where the budget allows, so that most joins copy nothing."""
-        pool = self.pool
-        if rows <= pool.rows and length <= pool.length:
-            return pool.rows, pool.length
-        length = max(length, pool.length)
-        doubled = max(rows, min(self.batch, 2 * pool.rows))
-        if pool.bytes_for(doubled, length) <= self.budget:
-            return doubled, length
-        return rows, length
+        plan, taken = request.plan, request.taken
+        request.plan = request.embeds = request.taken = None
+        owners = (("prefill", id(request)), ("taken", id(request)), ("keep", id(request)))
+        kept = None
+        if keep and plan is not None and self.store.enabled and self.budget.try_hold(
+                ("keep", id(request)), request.prompt_tokens * self.pool.bytes_per_token):
+            with contextlib.suppress(torch.OutOfMemoryError):  # losing a cache entry only costs speed
+                kept = self.runner.kv_of(plan.cache)
+        plan = None  # the prefill cache goes now
+        self.budget.release(*owners)
+        if kept is not None:
+            self._keep(request, request.history[0, : request.prompt_tokens], kept)
+        elif taken is not None and not isinstance(error, torch.OutOfMemoryError):
+            self.store.give_back(taken)  # its conversation's next turn still finds it
+            self.budget.note()
+        self._end(request, reason, error)
 
     def _join(self, request: Request) -> None:
-        """The prefilled request takes the next decode row."""
+        """The prefilled request takes the next decode row (its prefill cache is copied into the pool)."""
         n = len(self.running)
         rows = [*self.running, request]
+        owners = (("prefill", id(request)), ("taken", id(request)))
+        needed: planner.Need = request.need
+        alive = needed.prefill + needed.features  # its prefill cache and features live until the copy is done
+        # Bytes the pool may grow by: the budget less everything else reserved and what this request holds alive.
+        room = self.budget.room(replacing=("pool", *owners)) - alive - self.budget.held(owners[1]) - self.pool.nbytes
         try:
-            shape = self._pool_shape(n + 1, max(r.capacity for r in rows))
+            geometry = self._geometry()
+            shape = planner.pool_target(geometry, n + 1, max(r.capacity for r in rows), self.batch,
+                                        room - geometry.resize_transient)
+            grown = self.pool.bytes_for(*shape)
+            transient = geometry.resize_transient if grown != self.pool.nbytes else 0
+            self.budget.hold({"pool": grown + transient, owners[0]: alive})
             self.pool.resize(*shape, n, max((r.pos for r in self.running), default=0))
+            self.budget.hold({"pool": self.pool.nbytes})
             cache = request.plan.cache
             self.pool.write(n, [(layer.keys, layer.values) for layer in cache.layers], request.prompt_tokens)
         except Exception as exc:  # noqa: BLE001 - out of memory growing the pool ends the newcomer only
-            request.plan = None
-            request.finish(error=self._as_error(exc, request))
+            self.prefilling = request
             if not self.running:
                 self.pool.free()
-            self._reserve()
-            release_memory(self.pool.device)
+            self.budget.hold({"pool": self.pool.nbytes})
+            self._end_prefill(request, error=exc)
             return
-        request.plan = None
+        self.prefilling = None
+        request.plan = request.embeds = request.taken = None  # its prefill cache and the prefix it took go now
+        self.budget.release(*owners)
         request.row, request.pos, request.joined = n, request.prompt_tokens, next(self._joined)
+        request.decoding()
         self.running.append(request)
-        self._reserve()
         log.debug("joined: row %d of a pool of %d × %d positions", n, self.pool.rows, self.pool.length)
 
-    # ------------------------------------------------ decode
+    # ------------------------------------------------ decode: plan → run → apply
 
     def _decode_step(self) -> None:
+        self._in_decode = True
+        try:
+            self._decode()
+        finally:
+            self._in_decode = False
+
+    def _decode(self) -> None:
         for request in [r for r in self.running if r.cancelled.is_set()]:
-            self._leave(request, "stopped")
+            self._leave(request, request.cancel_reason or "stopped")
         rows = list(self.running)
         if not rows:
             return
+        # plan
         together = self.policy.use_together(len(rows))
-        groups = [(0, len(rows))] if together else [(i, i + 1) for i in range(len(rows))]
-        t0 = time.perf_counter()
-        ended: list[Request] = []
+        groups = planner.decode_groups(len(rows), together)
+        # run
+        timer = self.runner.timer()
+        chosen: list[tuple[Request, torch.Tensor, torch.Tensor]] = []  # (row, its token on the device, its logits)
+        failed: dict[Request, BaseException] = {}
+        oom: torch.OutOfMemoryError | None = None
         for start, end in groups:
             try:
-                self._forward_rows(rows, start, end, ended)
+                self._run_rows(rows, start, end, chosen, failed)
             except torch.OutOfMemoryError as exc:
-                self._out_of_memory(exc)
-                return  # the rows left are stepped again next time (positions did not move)
-        elapsed = time.perf_counter() - t0
-        log.debug("decode step: %d row(s) %s, %.3f s", len(rows), "together" if together else "one by one", elapsed)
-        self.policy.record(len(rows), together, elapsed)
-        self._step_s = elapsed if self._step_s is None else 0.7 * self._step_s + 0.3 * elapsed
+                oom = exc
+                break  # rows not run keep their positions: they are stepped again next time
+        values = self.runner.read([token for _, token, _ in chosen])
+        timer.stop()
+        if oom is None:
+            seconds = timer.seconds
+            log.debug("decode step: %d row(s) %s, %.3f s", len(rows), "together" if together else "one by one", seconds)
+            self.policy.record(len(rows), together, seconds)
+            self._step_s = seconds if self._step_s is None else 0.7 * self._step_s + 0.3 * seconds
         self._last_decode = time.monotonic()
         self.steps += 1
-        for request in ended:
+        # apply: each row on its own
+        ended: list[tuple[Request, str]] = []
+        for (request, _, raw), token in zip(chosen, values, strict=True):
+            request.pos += 1
+            try:
+                end = request.accept(token, raw)
+            except Exception as exc:  # noqa: BLE001 - its text failed: this reply ends, the others go on
+                failed[request] = exc
+                continue
+            if end is not None:
+                ended.append((request, end))
+        for request, end in ended:
+            self._leave(request, end)
+        for request, exc in failed.items():
             if request in self.running:
-                self._leave(request, None, request.error)
+                self._leave(request, "error", exc)
+        if oom is not None and self.running:
+            newest = self.running[planner.newest([r.joined for r in self.running])]
+            self._leave(newest, "error", oom)
 
-    def _forward_rows(self, rows: list[Request], start: int, end: int, ended: list[Request]) -> None:
+    def _run_rows(self, rows: list[Request], start: int, end: int,
+                  chosen: list[tuple[Request, torch.Tensor, torch.Tensor]], failed: dict[Request, BaseException]) -> None:
+        """Forward and pick tokens for rows `[start, end)`; a failure that is not out of memory is traced to its
+        row by running the rows one by one."""
         group = rows[start:end]
         try:
-            logits = decode(self.model, self.pool, group, start)
+            view_len = planner.view_length([r.pos for r in group], [r.capacity for r in group], self.pool.length)
+            logits = self.runner.decode(group, start, view_len)
+            tokens, raw = self.runner.sample(group, logits)
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - find whose it is: each row alone
             if len(group) > 1:
                 for i in range(start, end):
-                    self._forward_rows(rows, i, i + 1, ended)
-                return
-            group[0].error = self._as_error(exc, group[0])
-            ended.append(group[0])
+                    self._run_rows(rows, i, i + 1, chosen, failed)
+            else:
+                failed[group[0]] = exc
             return
         for i, request in enumerate(group):
-            request.pos += 1
-            token, raw = request.sampler.choose(request.history_view(), logits[i: i + 1])
-            if not request.accept(token, raw):
-                ended.append(request)
+            chosen.append((request, tokens[i], raw[i] if request.logits is not None else None))
 
-    def _out_of_memory(self, exc: BaseException) -> None:
-        """Out of memory in a shared step: the newest joiner goes with the message, the others go on."""
-        newest = max(self.running, key=lambda r: r.joined)
-        self._leave(newest, None, self._as_error(exc, newest))
-
-    def _leave(self, request: Request, reason: str | None, error: BaseException | None = None) -> None:
-        """A reply ends: its keys/values go to the reuse cache (unless it failed), the last row takes its place."""
+    def _leave(self, request: Request, reason: str, error: BaseException | None = None) -> None:
+        """A reply ends: its keys/values go to the reuse cache (a failed one keeps only the prefix it reused), the
+        last row takes its place."""
         row, last = request.row, len(self.running) - 1
         kept = None
-        if error is None and self.store.enabled and request.pos:
-            try:
-                kept = (request.history[0, : request.pos], self.pool.read(row, request.pos))
-            except torch.OutOfMemoryError:
-                kept = None  # the reply is complete; losing its cache entry only costs speed
+        length = request.pos if error is None else request.stats.reused_tokens
+        if (length and self.store.enabled and not isinstance(error, torch.OutOfMemoryError)
+                and self.budget.try_hold(("keep", id(request)), length * self.pool.bytes_per_token)):
+            with contextlib.suppress(torch.OutOfMemoryError):  # losing its cache entry only costs speed
+                kept = (request.history[0, :length], self.pool.read(row, length))
         if row != last:
             moved = self.running[last]
             self.pool.move(last, row, moved.pos)
@@ -533,33 +500,39 @@ class Scheduler:
         request.row = -1
         if not self.running:
             self.pool.free()
-        self._reserve()
+        self.budget.hold({"pool": self.pool.nbytes, ("keep", id(request)): 0})
         if kept is not None:
             self._keep(request, *kept)
-        request.finish(reason, error)
-        if error is not None:
-            release_memory(self.pool.device)
+        self._end(request, reason, error)
 
-    def _keep(self, request: Request, ids: torch.Tensor, kv: reuse.KV) -> None:
+    def _end(self, request: Request, reason: str, error: BaseException | None = None) -> None:
+        """A request ends here: with its reason, or with its error (memory released after a failure)."""
+        if error is not None:
+            request.finish("error", self._as_error(error, request))
+            self.runner.release_memory()
+        else:
+            request.finish(reason)
+        self._served = True
+
+    def _keep(self, request: Request, ids: torch.Tensor, kv: Any) -> None:
         """Put this turn's keys/values back for the next turn (before the consumer hears the reply ended, so
         a client sending its next turn at once finds them)."""
         try:
             self.store.put_prefix(ids, request.spans, kv)
         except Exception:  # noqa: BLE001 - the reply is complete; losing its cache entry only costs speed
             log.exception("could not keep this turn for reuse")
+        self.budget.note()
 
     def _as_error(self, exc: BaseException, request: Request) -> GenerationError:
         if isinstance(exc, torch.OutOfMemoryError):
             self.store.clear()  # cached turns are the first memory to give back (the caller releases it)
             error: GenerationError = OutOfMemory(oom_message(request.prompt_tokens, request.stats.images,
                                                              request.params.max_new_tokens))
-        elif isinstance(exc, GenerationError):
-            return exc
-        else:
+            error.__cause__ = exc
+            return error
+        if not isinstance(exc, GenerationError):
             log.error("generation failed", exc_info=exc)
-            error = GenerationError(f"Generation failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
+        return as_generation_error(exc)
 
     # ------------------------------------------------ background work
 
@@ -571,6 +544,23 @@ class Scheduler:
         try:
             job()
         except torch.OutOfMemoryError:
-            release_memory(self.pool.device)
+            self.runner.release_memory()
         except Exception:  # noqa: BLE001 - background help only: the reply path reports real errors
             log.exception("background job failed")
+        self.budget.note()
+
+    # ------------------------------------------------ for tests: memory truth
+
+    def accounting_holds(self) -> bool:
+        """Whether what is really allocated (pool, the prefilling request's cache, the prefix it took, the reuse
+        cache) is within what the budget accounts for."""
+        request = self.prefilling
+        prefill = 0
+        if request is not None:
+            cache = request.plan.cache if request.plan is not None else None
+            if cache is not None:
+                prefill = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
+                              for layer in cache.layers if layer.is_initialized)
+            prefill += request.taken.nbytes if request.taken is not None else 0
+        return self.pool.nbytes + prefill + self.store.nbytes <= self.budget.accounted
+

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 MODEL_CHOICES_HELP = "'auto' (7B on CUDA, 1.3B on CPU), 'tiny' (bundled demo checkpoint), a hub id or a local path"
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 BATCH_DECODE = ("auto", "together", "rows")
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
+# The engine decodes each reply at its own position with a per-row 4D mask: implementations that take one.
+ATTENTION = ("sdpa", "eager")
 QUANTIZE = ("none", "int4")
 
 
@@ -231,6 +232,10 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     args = vars(parser.parse_args(argv))
     if args["dtype"] not in DTYPES:
         parser.error(f"--dtype must be one of {', '.join(DTYPES)}")
+    if args["attn_implementation"].startswith("flash_attention"):
+        parser.error(f"--attn {args['attn_implementation']} cannot take the per-row attention mask with which replies "
+                     f"are decoded together at their own positions; use one of {', '.join(ATTENTION)} (sdpa, the "
+                     "default, uses fused attention kernels on a GPU too)")
     if args["attn_implementation"] not in ATTENTION:
         parser.error(f"--attn must be one of {', '.join(ATTENTION)}")
     if args["batch_decode"] not in BATCH_DECODE:

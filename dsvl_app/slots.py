@@ -87,7 +87,8 @@ class SlotPool:
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.length * self.bytes_per_token
+        """Bytes allocated (after a resize that ran out of memory half-way, some layers are already larger)."""
+        return sum(t.numel() for t in self.keys + self.values) * self.dtype.itemsize
 
     def bytes_for(self, rows: int, length: int) -> int:
         """What the pool would take holding `rows` rows of at least `length` positions."""
@@ -98,7 +99,10 @@ class SlotPool:
         return -(-length // ALIGN) * ALIGN if length else 0
 
     def resize(self, rows: int, length: int, used_rows: int, used_length: int) -> None:
-        """`rows` rows of `length` positions (rounded up), keeping rows `[0, used_rows)` up to `used_length`."""
+        """`rows` rows of `length` positions (rounded up), keeping rows `[0, used_rows)` up to `used_length`.
+
+        Out of memory half-way leaves a usable pool of the old shape (the layers already resized hold the same
+        rows, in a larger tensor), so that the replies decoding go on."""
         length = self._aligned(length)
         if rows == self.rows and length == self.length:
             return
@@ -142,8 +146,7 @@ class SlotPool:
 
     def view(self, start: int, end: int, positions: torch.Tensor, view_len: int) -> Cache:
         """The cache for a forward over rows `[start, end)`: row `start + i` writes at `positions[i]` and
-        attends over the first `view_len` positions (with one row, its own capacity: what a reply alone
-        would attend over, so its numbers are those of a reply alone)."""
+        attends over the first `view_len` positions (`planner.view_length`: the positions in use, rounded up)."""
         self._start, self._end, self._positions, self.view_len = start, end, positions, view_len
         return self.cache
 

@@ -73,7 +73,7 @@ def generate_text(handle, inputs, params, **kwargs):
     import torch
     from transformers import StaticCache
 
-    from dsvl_app.scheduler import model_inputs
+    from dsvl_app.runner import model_inputs
 
     tokenizer = handle.processor.tokenizer
     prompt = int(inputs["input_ids"].shape[1])
@@ -122,16 +122,21 @@ def app_server(settings, handle):
 
 
 @pytest.fixture(scope="session")
-def random_handle(tmp_path_factory):
+def random_checkpoint(tmp_path_factory) -> Path:
     """The untrained build of the tiny checkpoint (same classes, processor and template, random weights).
 
     The trained checkpoint answers in a short sentence and stops; tests of streaming, Stop, cancelled
     jobs and closed tabs need a model that keeps talking, and random weights do.
     """
+    return load_script("build_tiny_checkpoint").build(tmp_path_factory.mktemp("random-tiny") / "ckpt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_handle(random_checkpoint):
+    """The random-weight build, loaded as the app loads it (sdpa attention)."""
     from dsvl_app.model import load_model
 
-    path = load_script("build_tiny_checkpoint").build(tmp_path_factory.mktemp("random-tiny") / "ckpt", seed=0)
-    return load_model(parse_settings(["--model", str(path)], environ={}))
+    return load_model(parse_settings(["--model", str(random_checkpoint)], environ={}))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from dsvl_app import scheduler as scheduler_mod
+from dsvl_app import runner as runner_mod
 from dsvl_app.engine import GenerationParams
 from dsvl_app.media import load_image
 from dsvl_app.settings import parse_settings
@@ -220,8 +220,8 @@ def test_a_full_line_says_so(strict):
 def test_simulated_cuda_oom_gives_advice_releases_memory_and_the_next_request_is_served(client, handle, monkeypatch,
                                                                                         make_image, phase, step):
     released = []
-    real_release = scheduler_mod.release_memory
-    monkeypatch.setattr(scheduler_mod, "release_memory", lambda device: released.append(device) or real_release(device))
+    real_release = runner_mod.release_memory
+    monkeypatch.setattr(runner_mod, "release_memory", lambda device: released.append(device) or real_release(device))
 
     calls = {"n": 0}
 

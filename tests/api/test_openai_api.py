@@ -34,12 +34,21 @@ def ask(text, *paths) -> dict:
     return {"role": "user", "content": [*(image_part(p) for p in paths), {"type": "text", "text": text}]}
 
 
+class Keyed(tuple):
+    """(base url, openai client) of a served app, with its `engine`."""
+
+    engine: object
+
+
 @pytest.fixture(scope="module")
 def keyed(handle):
-    """The bundled checkpoint served with an API key; yields (base url, openai client)."""
+    """The bundled checkpoint served with an API key; yields (base url, openai client) with `.engine`."""
     settings = parse_settings(["--model", "tiny", "--api-key", f"{KEY},sk-second-key-02"], environ={})
-    with serve(settings, handle) as (_, url):
-        yield url, openai.OpenAI(base_url=url + "v1", api_key=KEY, max_retries=0, timeout=120)
+    with serve(settings, handle) as served:
+        url = served[1]
+        keyed = Keyed((url, openai.OpenAI(base_url=url + "v1", api_key=KEY, max_retries=0, timeout=120)))
+        keyed.engine = served.engine
+        yield keyed
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +280,96 @@ def test_four_streams_at_once_all_start_before_any_ends_and_a_dropped_one_leaves
     assert len(first) == 4 and max(first.values()) < min(ended[i] for i in range(3))
     assert reasons == {0: "length", 1: "length", 2: "length"}
     assert wait_until(lambda: not replying(random_app_server.engine), 5)
+
+
+def test_a_finished_reply_lets_go_of_its_images_at_once(keyed, handle, monkeypatch):
+    """Nothing of a /v1 reply outlives it in a reference cycle: with the garbage collector off, its Reply and the
+    engine's Request (which hold the image tensors: ~50 MB for four photo-sized images) are freed as soon as the
+    response is complete — streamed, whole, or dropped mid-stream. (A cancelled watcher task once kept them in a
+    cycle until a full collection: hundreds of MB under a soak of image requests.)"""
+    import gc
+    import weakref
+
+    from dsvl_app.engine import Engine
+
+    refs = []
+    real = Engine.enqueue
+
+    def enqueue(self, *args, **kwargs):
+        reply = real(self, *args, **kwargs)
+        refs.extend([weakref.ref(reply), weakref.ref(reply.request)])
+        return reply
+
+    monkeypatch.setattr(Engine, "enqueue", enqueue)
+    client = keyed[1]
+    messages = [ask("What colour is the shape?", EXAMPLES / "red_circle.png", EXAMPLES / "blue_square.png")]
+    gc.collect()
+    gc.disable()
+    try:
+        client.chat.completions.create(model=MODEL, messages=messages, temperature=0)
+        "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, stream=True) if c.choices)
+        with client.chat.completions.with_streaming_response.create(model=MODEL, messages=messages, stream=True,
+                                                                     max_tokens=200) as response:
+            next(response.iter_lines())  # the first event, then the client goes away
+        assert len(refs) == 6
+        assert wait_until(lambda: all(ref() is None for ref in refs), 10), \
+            [type(ref()).__name__ for ref in refs if ref() is not None]
+    finally:
+        gc.enable()
+
+
+def test_a_mixed_storm_gives_every_reply_as_alone(keyed, handle):
+    """Rounds of sixteen requests at once — greedy and seeded replies, clients that drop mid-stream, bad requests —
+    against one engine decoding four at a time: every greedy and seeded reply is exactly what it is asked alone,
+    every bad request is refused with its reason, and the engine is idle once the storm has passed."""
+    client = keyed[1]
+    questions = [("What colour is the shape?", EXAMPLES / "red_circle.png"),
+                 ("What shape is it?", EXAMPLES / "green_triangle.png"),
+                 ("How many shapes are there?", EXAMPLES / "three_shapes.png"),
+                 ("What colour is the shape?", EXAMPLES / "blue_square.png")]
+    sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 11}
+
+    def ask_once(question, path, **params):
+        reply = client.chat.completions.create(model=MODEL, messages=[ask(question, path)], max_tokens=24, **params)
+        return reply.choices[0].message.content
+
+    alone = {(q, str(p), bool(params)): ask_once(q, p, **params) for q, p in questions for params in ({}, sampled)}
+    for _ in range(2):
+        results, errors = {}, []
+
+        def greedy(i):
+            q, p = questions[i % 4]
+            results[("greedy", i)] = (ask_once(q, p, temperature=0), alone[(q, str(p), False)])
+
+        def seeded(i):
+            q, p = questions[i % 4]
+            results[("seeded", i)] = (ask_once(q, p, **sampled), alone[(q, str(p), True)])
+
+        def dropped(i):
+            q, p = questions[i % 4]
+            with client.chat.completions.with_streaming_response.create(
+                    model=MODEL, messages=[ask(q, p)], max_tokens=200, stream=True) as response:
+                next(response.iter_lines())
+
+        def bad(i):
+            try:
+                if i % 2:
+                    broken = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+                    client.chat.completions.create(model=MODEL, max_tokens=5, messages=[
+                        {"role": "user", "content": [broken, {"type": "text", "text": "?"}]}])
+                else:
+                    client.chat.completions.create(model=MODEL, messages=[ask("Hi", EXAMPLES / "red_circle.png")],
+                                                   temperature=7)
+            except openai.BadRequestError as exc:
+                errors.append(exc.body["param"])
+
+        work = [greedy] * 5 + [seeded] * 5 + [dropped] * 3 + [bad] * 3
+        threads = [threading.Thread(target=job, args=(i,)) for i, job in enumerate(work)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert len(results) == 10 and all(got == want for got, want in results.values()), results
+        assert sorted(errors) == ["messages", "messages", "temperature"]
+        assert wait_until(lambda: not replying(keyed.engine), 30)

@@ -28,7 +28,7 @@ from dsvl_app.model import load_model
 from dsvl_app.reuse import ReuseCache
 from dsvl_app.settings import Limits, parse_settings
 from dsvl_app.slots import kv_bytes_per_token
-from tests.conftest import EXAMPLES, generate_text, load_script, wait_until
+from tests.conftest import EXAMPLES, generate_text, wait_until
 
 SETTINGS = parse_settings(["--model", "tiny"], environ={})
 SAMPLE = GenerationParams(max_new_tokens=40, temperature=1.0, top_p=0.95, seed=123)
@@ -38,12 +38,6 @@ GREEDY = GenerationParams(max_new_tokens=24)
 def engine_for(handle, timeout: float = 30, batch: int = 4, queue_size: int = 32, **kwargs) -> Engine:
     settings = replace(SETTINGS, queue_size=queue_size, limits=replace(Limits(), token_timeout_s=timeout))
     return Engine(handle, settings, batch=batch, **kwargs)
-
-
-@pytest.fixture
-def images(make_image):
-    return {"red": make_image("red.png", colour=(220, 30, 30)), "blue": make_image("blue.png", colour=(30, 40, 220)),
-            "green": make_image("green.png", colour=(30, 200, 60), size=(90, 60))}
 
 
 def turns_of(*parts) -> list[conv.Turn]:
@@ -83,23 +77,34 @@ def decode_rows(kwargs) -> int:
 
 def test_streams_several_increments_with_stats(random_handle, images):
     reply = engine_for(random_handle).submit(turns_of(images["red"], images["blue"], "Describe both."), SAMPLE)
+    prompt_tokens = reply.inputs["input_ids"].shape[-1]  # the processor's tensors, for the inspector, until read
     pieces = list(reply)
     assert len(pieces) >= 5 and all(isinstance(p, str) and p for p in pieces)
+    assert reply.inputs is None and reply.request.inputs is None  # no image tensor outlives the reading
     stats = reply.stats
-    assert stats.prompt_tokens == reply.inputs["input_ids"].shape[-1] and stats.images == 2
+    assert stats.prompt_tokens == prompt_tokens and stats.images == 2
     assert stats.new_tokens == 40 and stats.stop_reason == "length" and reply.finish_reason == "length"
     assert 0 < stats.time_to_first_token_s < stats.total_s and stats.tokens_per_s > 0
     assert stats.place_in_line is None and stats.prefilled_tokens == stats.prompt_tokens
 
 
+@pytest.fixture(scope="module")
+def eager_handle(random_checkpoint):
+    """The random-weight build with eager attention (which adds its mask to the scores)."""
+    return load_model(parse_settings(["--model", str(random_checkpoint), "--attn", "eager"], environ={}))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("params", [GenerationParams(max_new_tokens=30),
-                                    GenerationParams(max_new_tokens=30, temperature=0.9, top_p=0.8, seed=5,
+                                    GenerationParams(max_new_tokens=60, temperature=1.0, top_p=0.8, seed=5,
                                                      repetition_penalty=1.3)], ids=["greedy", "sampled"])
-def test_a_reply_alone_is_bit_for_bit_what_generate_gives(dtype, params, tmp_path_factory, images):
-    """Today's path was model.generate with a static cache: same logits (bitwise), same tokens, same text."""
-    path = load_script("build_tiny_checkpoint").build(tmp_path_factory.mktemp(f"exact-{dtype}") / "ckpt", seed=0)
-    handle = load_model(parse_settings(["--model", str(path), "--dtype", dtype, "--cache-mb", "0"], environ={}))
+def test_a_reply_alone_is_bit_for_bit_what_generate_gives(dtype, params, attn, random_checkpoint, images):
+    """Today's path was model.generate with a static cache: same logits (bitwise), same tokens, same text — under
+    every attention implementation the app offers (eager adds its mask to the scores: a boolean one masked nothing)."""
+    handle = load_model(parse_settings(["--model", str(random_checkpoint), "--dtype", dtype, "--attn", attn,
+                                        "--cache-mb", "0"], environ={}))
+    assert handle.model.config._attn_implementation == attn
     turns = turns_of(images["red"], images["green"], "Describe both.")
     reply = engine_for(handle).submit(turns, params, record_logits=True)
     text = "".join(reply)
@@ -245,7 +250,8 @@ def test_no_progress_at_all_is_a_stall(random_handle, images):
         reply = engine_for(random_handle, timeout=0.5).submit(turns_of(images["red"], "Hi"), SAMPLE)
         with pytest.raises(GenerationTimeout, match="stalled"):
             list(reply)
-    assert reply.stats.stop_reason == "timeout"
+    # The consumer asked to stop; the scheduler ends the request once its stalled step returns, and says why.
+    assert wait_until(lambda: reply.stats.stop_reason == "timeout", 5)
 
 
 def test_a_long_prefill_is_progress_not_a_stall(random_handle, images):
@@ -269,24 +275,40 @@ def test_a_long_prefill_is_progress_not_a_stall(random_handle, images):
 # ---------------------------------------------------------------- many at once
 
 
-def run_together(engine, requests, params):
-    """Submit all, then read all at once; (replies, texts)."""
-    replies = [engine.submit(turns, params, record_logits=True) for turns in requests]
-    texts = [None] * len(replies)
+def read_all(replies, timeout: float = 120):
+    """Read every reply at once, each in its own thread: its text, or the GenerationError it ended with."""
+    results = [None] * len(replies)
 
     def read(i):
-        texts[i] = "".join(replies[i])
+        try:
+            results[i] = "".join(replies[i])
+        except GenerationError as exc:
+            results[i] = exc
 
     threads = [threading.Thread(target=read, args=(i,)) for i in range(len(replies))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    return replies, texts
+        t.join(timeout)
+    return results
 
 
+def run_together(engine, requests, params):
+    """Submit all, then read all at once; (replies, texts)."""
+    replies = [engine.submit(turns, params, record_logits=True) for turns in requests]
+    return replies, read_all(replies)
+
+
+@pytest.fixture(scope="module")
+def eager_trained():
+    """The bundled (trained) checkpoint with eager attention."""
+    return load_model(parse_settings(["--model", "tiny", "--attn", "eager"], environ={}))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("mode", ["together", "rows"])
-def test_answers_asked_together_equal_the_same_questions_asked_alone(handle, mode):
+def test_answers_asked_together_equal_the_same_questions_asked_alone(handle, eager_trained, mode, attn):
+    handle = handle if attn == "sdpa" else eager_trained
     questions = [turns_of(str(EXAMPLES / "red_circle.png"), "What colour is the shape?"),
                  turns_of(str(EXAMPLES / "green_triangle.png"), "What shape is it?"),
                  turns_of(str(EXAMPLES / "three_shapes.png"), "How many shapes are there?"),
@@ -319,9 +341,10 @@ def test_answers_asked_together_equal_the_same_questions_asked_alone(handle, mod
     assert steps["max"] >= 2 if mode == "together" else steps["max"] == 1
 
 
-def test_rows_decoded_one_by_one_are_bit_for_bit_what_each_gives_alone(random_handle, images):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_decoded_one_by_one_are_bit_for_bit_what_each_gives_alone(random_handle, eager_handle, images, attn):
     """With one forward per row and prompts read in one piece, batching changes nothing at all."""
-    bare = replace(random_handle, reuse=ReuseCache(0))
+    bare = replace(random_handle if attn == "sdpa" else eager_handle, reuse=ReuseCache(0))
     requests = [turns_of(images[c], f"Describe the {c} one.") for c in ("red", "blue", "green")]
     params = replace(SAMPLE, max_new_tokens=60)
     with lm_hook(bare, lambda step, kw: time.sleep(0.005) if decode_rows(kw) else None):

@@ -322,7 +322,9 @@ def _hook(handle, fn):
     return handle.model.model.language_model.register_forward_pre_hook(lambda m, a, k: fn(), with_kwargs=True)
 
 
-def test_a_failed_generation_drops_its_entry_and_out_of_memory_empties_the_cache(random_handle, images):
+def test_a_failed_generation_gives_its_prefix_back_and_out_of_memory_empties_the_cache(random_handle, images):
+    """A turn that fails puts back the earlier turns' keys/values it took (the retry reuses them); out of memory
+    empties the cache instead (that memory is the first to give back)."""
     on = with_cache(random_handle)
     first = {"text": "Describe it.", "files": [images["red"]]}
     text, _ = reply(on, [], first)
@@ -337,7 +339,10 @@ def test_a_failed_generation_drops_its_entry_and_out_of_memory_empties_the_cache
             reply(on, exchange(first, text), {"text": "More?", "files": []})
     finally:
         remove.remove()
-    assert on.reuse.stats().prefix_entries == 0 and on.reuse.stats().feature_entries == 1
+    assert on.reuse.stats().prefix_entries == 1 and on.reuse.stats().feature_entries == 1
+    again, stats = reply(on, exchange(first, text), {"text": "More?", "files": []})
+    assert stats.reused_tokens > 0 and stats.images_reused == 1  # the retry starts from the earlier turn
+    assert again == reply(with_cache(random_handle, 0), exchange(first, text), {"text": "More?", "files": []})[0]
 
     def oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
