@@ -84,14 +84,46 @@ _TRIM = _malloc_trim()
 
 
 def return_freed_memory() -> None:
-    """Give the operating system back the heap memory freed since the last call.
-
-    Image requests allocate and free hundreds of MB of pixel tensors, image-encoder activations and prompt
-    embeddings from many threads; glibc keeps freed chunks in its per-thread arenas, so the process grew by
-    hundreds of MB and wandered upward under a soak although nothing was alive (measured: bench/soak_memory.py).
-    `malloc_trim` releases those pages (~20 ms, without the GIL). A no-op where the C library is not glibc."""
+    """Give the operating system back the heap memory freed since the last call (a no-op where the C library is
+    not glibc); ~20 ms, without the GIL."""
     if _TRIM is not None:
         _TRIM()
+
+
+class HeapTrimmer:
+    """Returns freed heap memory to the system from a thread of its own, at most every `period_s`, after a request
+    ended (`poke`).
+
+    Image requests allocate and free hundreds of MB (pixel tensors, image-encoder activations, prompt embeddings)
+    from several threads; glibc keeps freed chunks in its per-thread arenas, so a server answering image questions
+    stayed near its peak and wandered upward although nothing was alive (bench/soak_memory.py). Trimming off the
+    engine's thread keeps that cost away from the replies. The thread ends after `idle_exit_s` without a poke."""
+
+    def __init__(self, period_s: float = 0.5, idle_exit_s: float = 10.0):
+        self.period_s, self.idle_exit_s = period_s, idle_exit_s
+        self.trims = 0
+        self._due = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def poke(self) -> None:
+        self._due.set()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="dsvl-heap-trim", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            if not self._due.wait(self.idle_exit_s):
+                with self._lock:
+                    if not self._due.is_set():
+                        self._thread = None
+                        return
+            self._due.clear()
+            return_freed_memory()
+            self.trims += 1
+            time.sleep(self.period_s)
 
 
 def embed_prompt(model: Any, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:

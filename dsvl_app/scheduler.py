@@ -47,7 +47,7 @@ from . import planner
 from .budget import Budget
 from .planner import DECODE_MODES, DecodePolicy
 from .request import EngineBusy, OutOfMemory, Request, as_generation_error, oom_message
-from .runner import Runner, layer_owners, model_inputs, return_freed_memory
+from .runner import HeapTrimmer, Runner, layer_owners, model_inputs
 from .sampling import GenerationError
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ __all__ = ["DECODE_MODES", "DecodePolicy", "Scheduler", "layer_owners", "model_i
 PREFILL_SLICE = 0.75
 IDLE_EXIT_S = 10.0  # an idle scheduler's thread ends; the next request starts another
 REAP_EVERY_S = 0.2  # during a long forward, the line is looked at this often (a cancelled wait leaves it)
-TRIM_EVERY_S = 30.0  # while busy, freed heap memory goes back to the system at most this often (always when idle)
 
 
 class _Cancelled(Exception):
@@ -104,8 +103,7 @@ class Scheduler:
         self._last_reap = 0.0
         self._step_s: float | None = None  # recent decode step time (the gap a stream sees when nobody prefills)
         self._joined = itertools.count()
-        self._served = False  # a request ended since the heap was last trimmed
-        self._last_trim = time.monotonic()
+        self.trimmer = HeapTrimmer()  # freed heap memory goes back to the system after requests end
 
     # ------------------------------------------------ any thread
 
@@ -223,8 +221,6 @@ class Scheduler:
             elif self.background and not self.busy:
                 self._run_background()
             self.heartbeat = time.monotonic()
-            if self._served and (not (self.busy or self.background) or time.monotonic() - self._last_trim >= TRIM_EVERY_S):
-                self._trim()  # the last reply ended (or a while passed): freed memory goes back to the system
         except Exception as exc:  # noqa: BLE001 - a bug must not leave requests hanging
             self._contain(exc)
 
@@ -252,10 +248,6 @@ class Scheduler:
                 self.budget.hold({"pool": 0})
         with contextlib.suppress(Exception):
             self.runner.release_memory()
-
-    def _trim(self) -> None:
-        self._served, self._last_trim = False, time.monotonic()
-        return_freed_memory()
 
     # ------------------------------------------------ cancellations
 
@@ -512,7 +504,7 @@ class Scheduler:
             self.runner.release_memory()
         else:
             request.finish(reason)
-        self._served = True
+        self.trimmer.poke()
 
     def _keep(self, request: Request, ids: torch.Tensor, kv: Any) -> None:
         """Put this turn's keys/values back for the next turn (before the consumer hears the reply ended, so

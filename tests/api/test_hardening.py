@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
 import struct
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
 import torch
 from gradio_client import Client, handle_file
@@ -18,10 +21,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from dsvl_app import runner as runner_mod
-from dsvl_app.engine import GenerationParams
+from dsvl_app.engine import Engine, GenerationParams
 from dsvl_app.media import load_image
 from dsvl_app.settings import parse_settings
-from tests.conftest import generate_text, loopback_http, replying, serve
+from tests.conftest import generate_text, loopback_http, replying, serve, wait_until
 
 pytestmark = pytest.mark.api
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,6 +167,60 @@ def test_a_cancelled_api_job_ends_the_generation_within_a_second(random_client, 
     assert replying(random_app_server.engine)
     job.cancel()
     assert wait_no_generation(random_app_server.engine, 1.0) < 1.0
+
+
+def test_replies_stopped_while_they_wait_are_never_computed(random_handle, tmp_path):
+    """--batch 1, as a new user would try it: a long /v1 stream A runs; a /chat job B and a /v1 stream C wait behind
+    it and are given up (the job cancelled, the stream closed); then A is closed. B and C leave the line, their
+    prompts are never read, and the server is idle at once (before: both were decoded for nobody)."""
+    settings = parse_settings(["--model", "tiny", "--batch", "1"], environ={})
+    engine = Engine(random_handle, settings)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (220, 30, 30)).save(image)
+    url_of_image = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url_of_image}}, {"type": "text", "text": "Describe it."}]
+    prefills = []
+
+    def count(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            prefills.append(time.perf_counter())
+
+    hook = random_handle.model.model.language_model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        with serve(settings, random_handle, engine) as (_, url):
+            client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120)
+            with client.chat.completions.with_streaming_response.create(
+                    model=client.models.list().data[0].id, messages=[{"role": "user", "content": content}],
+                    max_tokens=2000, stream=True) as a:
+                lines = a.iter_lines()
+                next(lines)
+                b = Client(url, verbose=False).submit({"text": "Describe it.", "files": [handle_file(str(image))]}, [],
+                                                      **LONG, api_name="/chat")
+                assert wait_until(lambda: len(engine.scheduler.waiting) == 1, 30)
+                gave_up = threading.Event()
+
+                def c():
+                    with client.chat.completions.with_streaming_response.create(
+                            model=client.models.list().data[0].id, messages=[{"role": "user", "content": content}],
+                            max_tokens=2000, stream=True) as response:
+                        gave_up.wait(30)  # C waits in line, then its client goes away
+                        response.close()
+
+                reader = threading.Thread(target=c)
+                reader.start()
+                assert wait_until(lambda: len(engine.scheduler.waiting) == 2, 30)
+                b.cancel()
+                gave_up.set()
+                reader.join(30)
+                assert wait_until(lambda: not engine.scheduler.waiting, 5), "a given-up request stayed in line"
+                for _ in range(5):
+                    next(lines)  # A still streams
+            assert wait_no_generation(engine, 2.5) < 2.5
+            time.sleep(1.0)
+            assert not replying(engine) and len(prefills) == 1  # A's prompt only, ever
+    finally:
+        hook.remove()
 
 
 # ------------------------------------------------------------------ concurrency

@@ -31,3 +31,23 @@ def test_flash_attention_is_refused_at_start_with_what_to_use(handle, capsys):
     with pytest.raises(UnsupportedAttention, match="--attn sdpa"):
         check_attention(Model())
     assert check_attention(handle.model) == "sdpa"
+
+
+def test_freed_memory_goes_back_after_requests_end_at_most_every_period():
+    """Pokes while a trim waits out its period are folded into one; the thread ends once nothing pokes it."""
+    import time
+
+    from dsvl_app.runner import HeapTrimmer
+    from tests.conftest import wait_until
+
+    trimmer = HeapTrimmer(period_s=0.5, idle_exit_s=0.5)
+    trimmer.poke()
+    assert wait_until(lambda: trimmer.trims == 1, 2)
+    for _ in range(5):
+        trimmer.poke()  # during the period: one more trim after it, not five
+    assert wait_until(lambda: trimmer.trims == 2, 2)
+    time.sleep(0.6)
+    assert trimmer.trims == 2
+    assert wait_until(lambda: trimmer._thread is None, 3)  # idle: its thread has ended
+    trimmer.poke()
+    assert wait_until(lambda: trimmer.trims == 3, 2)  # and a new one starts on the next poke

@@ -56,7 +56,9 @@ def test_a_reply_stopped_while_waiting_leaves_the_line_and_is_never_read(random_
             async for _ in c.aiter(poll_s=0.05, ticks=True):
                 break
 
-        asyncio.run(give_up())
+        reader = threading.Thread(target=asyncio.run, args=(give_up(),))  # its own event loop, as a server's
+        reader.start()
+        reader.join(10)
         assert wait_until(lambda: b.finished and c.finished, 2.0), "a closed reply stayed in line"
         stream.close()
         assert wait_until(lambda: not engine.scheduler.busy, 1.0), "the engine kept working for nobody"
