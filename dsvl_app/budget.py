@@ -1,8 +1,8 @@
 """The engine's keys/values memory: one budget, the only source of truth about it.
 
-`--cache-mb` bytes hold the keys/values of the replies being written — the decode pool, a newcomer's
-prefill cache and image features, the reuse prefix it took, a finished reply's copy on its way to the
-reuse cache — and, in the rest, the reuse cache's entries. Every such allocation is *reserved here
+`--cache-mb` bytes hold the keys/values of the replies being written — the pool of rows (a newcomer's
+prompt is read straight into a row of its own), a newcomer's image features and the reuse prefix it took,
+a finished reply's copy on its way to the reuse cache — and, in the rest, the reuse cache's entries. Every such allocation is *reserved here
 first*, under a name (`hold`): the reuse cache gives way at once (least recently used entries first), so
 that what is reserved plus what is cached never exceeds the budget, and what cannot be reserved is not
 allocated — a newcomer that does not fit waits in line. The one exception: a request alone is always

@@ -1,10 +1,12 @@
 """What the scheduler does next, decided from plain numbers: no torch, no model, tested on its own.
 
-- **Who joins**: the first request in line, when a decode row is free and its keys/values — its prefill
-  cache, its image features, and the pool grown to hold its row — fit in the budget beside everything
-  reserved (`admission`). Alone, a request is always admitted.
-- **How the pool grows** when it joins (`pool_target`): as it is when the row fits, else by doubling its
-  rows up to `--batch` where the budget allows, so that most joins copy nothing.
+- **Who is read next**: the first request in line, when a decode row is free and what it needs — its image
+  features, and the pool grown to hold its row (its prompt is read straight into it) — fits in the budget
+  beside everything reserved (`admission`). Alone, a request is always admitted.
+- **How the pool grows** for a newcomer's row (`pool_target`): as it is when the row fits, else with rows taken ahead —
+  for the requests already waiting, and, with memory nobody uses (earlier turns are never evicted for a guess), all
+  `--batch` rows on a CPU (memory not yet written costs nothing there) or double on a GPU — so that most joins copy
+  nothing.
 - **Which prefill piece** (`prefill_piece`): the whole rest of the prompt when nobody else is decoding
   (exactly the computation of a reply alone), else `chunk` positions.
 - **Which rows a decode forward takes** (`decode_groups`): all of them, or one at a time, as
@@ -56,21 +58,20 @@ class PoolGeometry:
 class Need:
     """Bytes a newcomer needs reserved before any of it is allocated."""
 
-    prefill: int  # its own cache of prompt + max_new_tokens positions while its prompt is read
     features: int  # its images' features (encoded, and gathered for the prompt)
-    pool_growth: int  # what the pool grows by when it joins (with the copy's transient)
+    pool_growth: int  # what the pool grows by for its row (prompt + max_new_tokens), with the copy's transient
 
     @property
     def total(self) -> int:
-        return self.prefill + self.features + self.pool_growth
+        return self.features + self.pool_growth
 
 
 def need(pool: PoolGeometry, running_capacities: Sequence[int], capacity: int, feature_bytes: int) -> Need:
-    """What a request of `capacity` positions needs to join the rows running now."""
+    """What a request of `capacity` positions needs to be read into a row of its own beside the rows running now."""
     length = max([*running_capacities, capacity])
     grown = max(pool.nbytes, pool.bytes_for(len(running_capacities) + 1, length))
     growth = grown - pool.nbytes + (pool.resize_transient if grown > pool.nbytes else 0)
-    return Need(capacity * pool.bytes_per_token, feature_bytes, growth)
+    return Need(feature_bytes, growth)
 
 
 def admission(running: int, prefilling: bool, batch: int, needed: Need, room: int) -> bool:
@@ -81,15 +82,26 @@ def admission(running: int, prefilling: bool, batch: int, needed: Need, room: in
     return running == 0 or needed.total <= room
 
 
-def pool_target(pool: PoolGeometry, rows: int, length: int, batch: int, room: int) -> tuple[int, int]:
-    """The pool's shape for `rows` rows of `length` positions: as it is when they fit, else grown — by doubling its
-    rows (up to `batch`) when `room` (bytes beyond the pool as it is) allows it, else to exactly `rows`."""
+def pool_target(pool: PoolGeometry, rows: int, length: int, batch: int, room: int, spare: int | None = None,
+                all_rows_at_once: bool = False, coming: int = 0) -> tuple[int, int]:
+    """The pool's shape for `rows` rows of `length` positions: as it is when they fit, else grown.
+
+    Growing copies every row kept, so rows are taken ahead: first for the `coming` requests already waiting in line
+    (up to `batch`; the reuse cache gives way for them, within `room`: the budget's bytes beyond the pool); then,
+    only with bytes nobody uses (`spare`: nothing is evicted for a guess), all `batch` rows at once with
+    `all_rows_at_once` (on a CPU memory not yet written costs nothing) or double the rows; else exactly `rows`
+    (admission checked that they fit)."""
     if rows <= pool.rows and length <= pool.length:
         return pool.rows, pool.length
     length = max(length, pool.length)
-    doubled = max(rows, min(batch, 2 * pool.rows))
-    if pool.bytes_for(doubled, length) - pool.nbytes <= room:
-        return doubled, length
+    spare = room if spare is None else min(spare, room)
+    wanted = [(min(batch, rows + coming), room)]
+    if all_rows_at_once:
+        wanted.append((batch, spare))
+    wanted.append((max(rows, min(batch, 2 * pool.rows)), spare))
+    for grown, limit in sorted(wanted, reverse=True):
+        if grown > rows and pool.bytes_for(grown, length) - pool.nbytes <= limit:
+            return grown, length
     return rows, length
 
 

@@ -132,7 +132,7 @@ class Request:
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         # Scheduler-owned state while it runs.
-        self.plan: Any = None  # reuse.Plan: the prefill cache and the image features
+        self.plan: Any = None  # reuse.Plan: the reused prefix's length and the image features
         self.taken: Any = None  # reuse.Taken: the reuse prefix taken out of the store (given back if never used)
         self.need: Any = None  # planner.Need: the bytes reserved for it when it was admitted
         self.embeds: torch.Tensor | None = None  # the uncached part of the prompt, embedded, images scattered in

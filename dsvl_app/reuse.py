@@ -18,8 +18,8 @@ the images in the uncached suffix (the engine scatters them into exactly those p
 Memory: entries live on the model's device; their bytes never exceed the cap less what the engine
 `reserve`s for the replies being written (least-recently-used entries go first), entries idle longer
 than `idle_s` are dropped, and `clear()` empties everything (on out of memory). A reply *takes* its
-entry out (no two replies share one) and copies the matching part into a static cache of its own
-(`new_cache`); a reply that ends puts a longer entry back, and one cancelled or failed before its reply
+entry out (no two replies share one) and its prefill copies the matching part into the reply's own row of
+keys/values (`slots.SlotPool`); a reply that ends puts a longer entry back, and one cancelled or failed before its reply
 began gives the entry it took back (`give_back`). No
 gradio, no model loading: the model is passed in.
 """
@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StaticCache
 
 log = logging.getLogger(__name__)
 
@@ -139,28 +138,6 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def kv_nbytes(kv: KV) -> int:
     return sum(_nbytes(k) + _nbytes(v) for k, v in kv)
-
-
-def kv_of(cache: StaticCache) -> KV:
-    """Compact copies of the positions a cache holds, per layer (its buffers also hold unused capacity)."""
-    length = int(cache.get_seq_length())
-    return tuple((layer.keys[..., :length, :].clone(), layer.values[..., :length, :].clone())
-                 for layer in cache.layers if layer.is_initialized)
-
-
-def new_cache(config: Any, capacity: int, kv: KV | None = None, length: int = 0) -> StaticCache:
-    """A cache of `capacity` positions for one generate call, holding the first `length` positions of `kv`.
-
-    Static, not transformers' default DynamicCache: that one concatenates its whole contents into new
-    tensors at every decoded token, which made decoding a fifth slower at 3k tokens of context on the
-    1.3B (measured by bench/bench_reuse.py); a static cache writes each new token in place. Sized to the
-    prompt plus `max_new_tokens`, so it never runs out.
-    """
-    cache = StaticCache(config=config, max_cache_len=capacity)
-    if kv is not None and length:
-        for layer, (keys, values) in zip(cache.layers, kv, strict=True):
-            layer.update(keys[..., :length, :], values[..., :length, :])
-    return cache
 
 
 # ---------------------------------------------------------------- the store
@@ -295,7 +272,7 @@ class ReuseCache:
 
         When the match is under half of the entry (another conversation sharing only the system preamble,
         say), the entry stays for its own conversation. Either way the caller copies the matching part
-        into its own cache (`new_cache`), so a stored entry is never written to.
+        into its own row of keys/values, so a stored entry is never written to.
         """
         if not self.enabled:
             return Taken(None, 0)
@@ -393,10 +370,9 @@ def encode_images(model: Any, pixels: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 @dataclass
 class Plan:
-    """What a reply's prefill starts from: a cache holding the reused prefix, and the features of the images
-    after it (cached or encoded now)."""
+    """What a reply's prefill starts from: the reused prefix (`reused_tokens` of the prompt, whose keys/values the
+    `Taken` entry holds) and the features of the images after it (cached or encoded now)."""
 
-    cache: StaticCache
     ids: torch.Tensor  # 1-D, CPU
     spans: tuple[ImageSpan, ...]
     reused_tokens: int
@@ -409,17 +385,14 @@ class Plan:
         return self.images - self.images_encoded
 
 
-def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], spans: Sequence[ImageSpan], capacity: int,
-         taken: Taken | None = None) -> Plan:
-    """Start a prefill from what `store` holds: the longest reusable prefix (`taken`, else taken now) copied into a
-    static cache of `capacity` positions, and features (cached, or encoded now and cached) for the images after
-    that prefix only. With the store off, nothing is found and every image is encoded.
+def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], spans: Sequence[ImageSpan], taken: Taken) -> Plan:
+    """Start a prefill from what `store` holds: the reusable prefix `taken` (see `take_prefix`), and features
+    (cached, or encoded now and cached) for the images after that prefix only. With the store off, nothing is
+    found and every image is encoded.
 
     `inputs` are on the model's device; `spans` carry `image_keys` of the processor's own (CPU) output.
     """
     ids = inputs["input_ids"][0].detach().to("cpu")
-    if taken is None:
-        taken = store.take_prefix(ids, spans)
     suffix = [i for i, span in enumerate(spans) if span.start >= taken.length]
     features = {i: store.get_features(spans[i].key) for i in suffix}
     missing = [i for i in suffix if features[i] is None]
@@ -430,6 +403,5 @@ def plan(model: Any, store: ReuseCache, inputs: Mapping[str, Any], spans: Sequen
         for n, i in enumerate(missing):
             features[i] = encoded[n] if len(missing) == 1 else encoded[n].clone()  # own storage: evictable alone
             store.put_features(spans[i].key, features[i])
-    cache = new_cache(model.config, capacity, taken.kv, taken.length)
     stacked = torch.stack([features[i] for i in suffix]) if suffix else None
-    return Plan(cache, ids, tuple(spans), taken.length, len(spans), len(missing), stacked)
+    return Plan(ids, tuple(spans), taken.length, len(spans), len(missing), stacked)

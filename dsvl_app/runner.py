@@ -1,7 +1,7 @@
 """The model runner: the only code of the engine room coupled to transformers' model.
 
-It embeds a prompt (image features scattered into their placeholders), reads it into a request's own
-cache (prefill), runs one decode forward over some rows of the shared pool (`slots.SlotPool`) with each
+It embeds a prompt (image features scattered into their placeholders), reads it into the request's own
+row of the pool (prefill), runs one decode forward over some rows of the shared pool (`slots.SlotPool`) with each
 row at its own position, picks every row's next token together (`sampling.sample_rows`), and reads
 those tokens back with **one** device→host transfer per step. It also owns the layer hooks through which
 the scheduler hears of every layer (its heartbeat, its chance to yield or to stop a cancelled prefill),
@@ -209,28 +209,32 @@ class Runner:
     # -- prefill
 
     def start_prefill(self, request: Request, budget: Budget, owner: Any) -> None:
-        """Take the request's reuse prefix (its bytes move from the reuse cache to `owner`'s reservation), encode
-        the images after it, copy the prefix into the request's own cache, and embed the rest of the prompt."""
+        """Take the request's reuse prefix (its bytes move from the reuse cache to `owner`'s reservation), encode the
+        images after it, set up its pool row (`request.row`: the prefix is copied in at its first forward), and embed
+        the rest of the prompt."""
         inputs = model_inputs(self.model, request.inputs)
         request.taken = taken = self.store.take_prefix(request.ids[0], request.spans)
         budget.hold({owner: taken.nbytes})  # held from here: a cancel during the encode gives it back
         t0 = time.perf_counter()
-        plan = reuse.plan(self.model, self.store, inputs, request.spans, request.capacity, taken)
+        plan = reuse.plan(self.model, self.store, inputs, request.spans, taken)
         request.plan = plan
         budget.note()  # features the encode stored
         log.debug("admitted: %d prompt tokens, %d reused, %d image(s) encoded, %.3f s", request.prompt_tokens,
                   plan.reused_tokens, plan.images_encoded, time.perf_counter() - t0)
         request.inputs = None  # the pixels are encoded: ~15 MB an image, not kept while the reply runs
         request.cursor = plan.reused_tokens
+        self.pool.begin_row(request.row, taken.kv, taken.length)
         request.embeds = embed_prompt(self.model, inputs["input_ids"][:, plan.reused_tokens:], plan.features)
 
     def prefill(self, request: Request, n: int) -> torch.Tensor:
-        """Feed the request's next `n` prompt positions; the last position's logits ([1, vocab])."""
-        start, plan = request.cursor, request.plan
-        offset = start - plan.reused_tokens
+        """Feed the request's next `n` prompt positions into its pool row; the last position's logits ([1, vocab]).
+        It attends over its own capacity (prompt + max_new_tokens), as its own static cache would."""
+        start = request.cursor
+        offset = start - request.plan.reused_tokens
         embeds = request.embeds[:, offset: offset + n]  # type: ignore[index]
         positions = torch.arange(start, start + n, device=embeds.device).unsqueeze(0)
-        out = self.model(inputs_embeds=embeds, position_ids=positions, past_key_values=plan.cache, use_cache=True,
+        cache = self.pool.prefill_view(request.row, start, request.capacity)
+        out = self.model(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1]
 
@@ -274,7 +278,3 @@ class Runner:
 
     def release_memory(self) -> None:
         release_memory(self.device)
-
-    @staticmethod
-    def kv_of(cache: Any) -> reuse.KV:
-        return reuse.kv_of(cache)

@@ -6,11 +6,11 @@ Each turn of its loop (`step`):
    a replica's Stop, the stall timeout) end now, whatever their status — a waiting one leaves the line
    and is never prefilled, a decoding one leaves its row;
 2. **admit** the first request in line when the planner says it fits (`planner.admission`: a free row,
-   and its keys/values reserved in the budget before they exist); its reuse prefix is taken and its
-   images encoded (`Runner.start_prefill`);
-3. **prefill**: feed the planner's next piece of its prompt — all of it when nobody else is decoding
-   (exactly the computation of a reply alone), else `chunk_tokens`; when the prompt is read, its first
-   token is picked and it joins the decode pool;
+   and its memory reserved in the budget before it exists); it gets a row of the pool of its own, its
+   reuse prefix is taken and its images encoded (`Runner.start_prefill`);
+3. **prefill**: feed the planner's next piece of its prompt into its row — all of it when nobody else is
+   decoding (exactly the computation of a reply alone), else `chunk_tokens`; when the prompt is read, its
+   first token is picked and it joins the decoding rows (nothing is copied);
 4. **decode**: plan (which rows each forward takes, how far they look back) → run (the forwards, every
    row's token picked together, one read of the tokens) → apply (each row accepts its token, detokenises,
    checks stop strings, or ends). Whatever fails in one row's forward, sampling or text ends that row only,
@@ -32,11 +32,13 @@ requests it may have left half-done, and a thread that dies anyway is started ag
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -104,6 +106,10 @@ class Scheduler:
         self._step_s: float | None = None  # recent decode step time (the gap a stream sees when nobody prefills)
         self._joined = itertools.count()
         self.trimmer = HeapTrimmer()  # freed heap memory goes back to the system after requests end
+        self._stopping = False
+        # A daemon thread killed by the interpreter's exit inside a tensor operation aborts the process ("terminate
+        # called without an active exception", exit 134): the thread ends its step and stops first.
+        atexit.register(_stop_at_exit, weakref.ref(self))
 
     # ------------------------------------------------ any thread
 
@@ -129,13 +135,22 @@ class Scheduler:
 
     def _wake(self) -> None:  # lock held
         self._cond.notify_all()
-        if not self.inline and self._thread is None:
+        if not self.inline and self._thread is None and not self._stopping:
             self._thread = threading.Thread(target=self._run, name="dsvl-engine", daemon=True)
             self._thread.start()
 
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the engine's thread once its current step is done (the process is exiting); nothing runs after."""
+        with self._cond:
+            self._stopping = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def drive(self, done: Callable[[], bool]) -> None:
         """Inline mode: run steps in the calling thread until `done()` (other consumers take turns)."""
@@ -154,8 +169,9 @@ class Scheduler:
             with self._hooks(), torch.inference_mode():
                 while True:
                     with self._cond:
-                        while not (self.busy or self.background):
-                            if not self._cond.wait(IDLE_EXIT_S) and not (self.busy or self.background):
+                        while not (self.busy or self.background) or self._stopping:
+                            if self._stopping or (not self._cond.wait(IDLE_EXIT_S)
+                                                  and not (self.busy or self.background)):
                                 self._thread = None
                                 return
                     self.step()
@@ -190,14 +206,23 @@ class Scheduler:
             self._reap_line()
         if self._stoppable and self.prefilling is not None and self.prefilling.cancelled.is_set():
             raise _Cancelled
-        if self._yield_ok and self.running and now - self._last_decode >= PREFILL_SLICE * (self._step_s or 0.0):
+        if self._yield_ok:
             self._yield_ok = False  # no nesting: this step's own layers come through here too
             try:
-                self._decode_step()
-            except Exception as exc:  # noqa: BLE001 - a decode bug must not fail the prefill it interrupted
-                self._contain(exc, prefill_too=False)
+                self._yield_point()
             finally:
                 self._yield_ok = True
+
+    def _yield_point(self) -> None:
+        """Inside a long forward for the newcomer (its images, its prompt): a decode step for the streaming replies
+        when one is due."""
+        now = time.monotonic()
+        self.heartbeat = now
+        if self.running and now - self._last_decode >= PREFILL_SLICE * (self._step_s or 0.0):
+            try:
+                self._decode_step()
+            except Exception as exc:  # noqa: BLE001 - a decode bug must not fail the newcomer it interrupted
+                self._contain(exc, prefill_too=False)
 
     @contextlib.contextmanager
     def _prefill_forward(self) -> Iterator[None]:
@@ -230,22 +255,20 @@ class Scheduler:
         step run inside a prefill leaves that prefill alone)."""
         log.error("engine step failed", exc_info=exc)
         victims = list(self.running)
-        self.running = []
         if prefill_too and self.prefilling is not None:
             victims.append(self.prefilling)
-            self.prefilling = None
         for request in victims:
             try:
                 request.finish("error", exc)
             except Exception:  # noqa: BLE001 - keep ending the others
                 log.exception("could not end a request")
-        with contextlib.suppress(Exception):
-            self.pool.free()
+        self.running = []
+        if prefill_too:
+            self.prefilling = None
         with contextlib.suppress(Exception):
             if self.prefilling is None:
-                self.budget.reset()
-            else:
-                self.budget.hold({"pool": 0})
+                self.pool.free()
+                self.budget.reset()  # (a newcomer being read keeps its row and its reservations)
         with contextlib.suppress(Exception):
             self.runner.release_memory()
 
@@ -264,11 +287,10 @@ class Scheduler:
         with self._cond:
             gone = [r for r in self.waiting if r.cancelled.is_set()]
             for request in gone:
+                self._end(request, request.cancel_reason or "stopped")  # finished before it leaves the line
                 self.waiting.remove(request)
             if gone:
                 self._number_the_line()
-        for request in gone:
-            self._end(request, request.cancel_reason or "stopped")
 
     def _number_the_line(self) -> None:  # lock held
         for place, request in enumerate(self.waiting, 1):
@@ -281,7 +303,7 @@ class Scheduler:
         return planner.PoolGeometry(pool.rows, pool.length, pool.bytes_per_token, self.runner.align, pool.n_layers)
 
     def need(self, request: Request) -> planner.Need:
-        """What `request` needs reserved to be read and to join the rows running now."""
+        """What `request` needs reserved to be read into a row of its own beside the rows running now."""
         return planner.need(self._geometry(), [r.capacity for r in self.running], request.capacity,
                             len(request.spans) * self.runner.feature_bytes_per_image)
 
@@ -299,9 +321,10 @@ class Scheduler:
             self._number_the_line()
         request.started()
         self.prefilling = request
-        request.need = needed
-        self.budget.hold({("prefill", id(request)): needed.total})  # before its cache and features exist
+        owner = ("prefill", id(request))
+        self.budget.hold({owner: needed.features})  # before its features exist
         try:
+            request.row = self._grow_for(request)  # its row, reserved before it exists
             with self._prefill_forward():  # encoding images takes seconds on a CPU: the streams go on meanwhile
                 self.runner.start_prefill(request, self.budget, ("taken", id(request)))
             request.stats.reused_tokens, request.stats.images_reused = request.plan.reused_tokens, request.plan.images_reused
@@ -310,6 +333,25 @@ class Scheduler:
             self._end_prefill(request, request.cancel_reason or "stopped")
         except Exception as exc:  # noqa: BLE001 - ends this request only
             self._end_prefill(request, error=exc)
+
+    def _grow_for(self, request: Request) -> int:
+        """A row of the pool for `request` (the pool grows where it must, reserved first); its index."""
+        n = len(self.running)
+        geometry = self._geometry()
+        # Bytes the pool may grow by: the budget less everything else reserved, less the copy's transient.
+        room = self.budget.room(replacing=("pool",)) - self.pool.nbytes - geometry.resize_transient
+        # Rows are taken ahead, for the requests already waiting and (with memory nobody uses) beyond: on a GPU by
+        # doubling; on a CPU all --batch rows at once — pages are taken only when first written there, and every
+        # growth copies the rows kept at memory speed (0.76 s for a 4th row of the 1.3B: a gap in every stream).
+        shape = planner.pool_target(geometry, n + 1, max(r.capacity for r in [*self.running, request]), self.batch,
+                                    room, spare=room - self.store.nbytes, coming=len(self.waiting),
+                                    all_rows_at_once=self.pool.device.type == "cpu")
+        grown = self.pool.bytes_for(*shape)
+        transient = geometry.resize_transient if grown != self.pool.nbytes else 0
+        self.budget.hold({"pool": grown + transient})
+        self.pool.resize(*shape, n, max((r.pos for r in self.running), default=0))
+        self.budget.hold({"pool": self.pool.nbytes})
+        return n
 
     # ------------------------------------------------ prefill
 
@@ -340,60 +382,46 @@ class Scheduler:
 
     def _end_prefill(self, request: Request, reason: str = "error", error: BaseException | None = None,
                      keep: bool = False) -> None:
-        """The prefilling request ends before joining: its reservations go; with `keep`, its prompt's keys/values go
-        to the reuse cache, else the prefix it took goes back there (unless memory ran out)."""
-        self.prefilling = None
-        plan, taken = request.plan, request.taken
+        """The prefilling request ends before joining: its row and reservations go; with `keep`, its prompt's
+        keys/values go to the reuse cache, else the prefix it took goes back there (unless memory ran out)."""
+        taken, row = request.taken, request.row
         request.plan = request.embeds = request.taken = None
+        request.row = -1
         owners = (("prefill", id(request)), ("taken", id(request)), ("keep", id(request)))
         kept = None
-        if keep and plan is not None and self.store.enabled and self.budget.try_hold(
+        if keep and row >= 0 and self.store.enabled and self.budget.try_hold(
                 ("keep", id(request)), request.prompt_tokens * self.pool.bytes_per_token):
             with contextlib.suppress(torch.OutOfMemoryError):  # losing a cache entry only costs speed
-                kept = self.runner.kv_of(plan.cache)
-        plan = None  # the prefill cache goes now
-        self.budget.release(*owners)
+                kept = self.pool.read(row, request.prompt_tokens)
+        if not self.running:
+            self.pool.free()  # its row was the only one in use
+        self.budget.hold({"pool": self.pool.nbytes, **dict.fromkeys(owners, 0)})
         if kept is not None:
             self._keep(request, request.history[0, : request.prompt_tokens], kept)
         elif taken is not None and not isinstance(error, torch.OutOfMemoryError):
             self.store.give_back(taken)  # its conversation's next turn still finds it
             self.budget.note()
         self._end(request, reason, error)
+        self.prefilling = None  # after it is finished: nobody sees the engine idle with it unfinished
 
     def _join(self, request: Request) -> None:
-        """The prefilled request takes the next decode row (its prefill cache is copied into the pool)."""
-        n = len(self.running)
-        rows = [*self.running, request]
-        owners = (("prefill", id(request)), ("taken", id(request)))
-        needed: planner.Need = request.need
-        alive = needed.prefill + needed.features  # its prefill cache and features live until the copy is done
-        # Bytes the pool may grow by: the budget less everything else reserved and what this request holds alive.
-        room = self.budget.room(replacing=("pool", *owners)) - alive - self.budget.held(owners[1]) - self.pool.nbytes
-        try:
-            geometry = self._geometry()
-            shape = planner.pool_target(geometry, n + 1, max(r.capacity for r in rows), self.batch,
-                                        room - geometry.resize_transient)
-            grown = self.pool.bytes_for(*shape)
-            transient = geometry.resize_transient if grown != self.pool.nbytes else 0
-            self.budget.hold({"pool": grown + transient, owners[0]: alive})
-            self.pool.resize(*shape, n, max((r.pos for r in self.running), default=0))
-            self.budget.hold({"pool": self.pool.nbytes})
-            cache = request.plan.cache
-            self.pool.write(n, [(layer.keys, layer.values) for layer in cache.layers], request.prompt_tokens)
-        except Exception as exc:  # noqa: BLE001 - out of memory growing the pool ends the newcomer only
-            self.prefilling = request
-            if not self.running:
-                self.pool.free()
-            self.budget.hold({"pool": self.pool.nbytes})
-            self._end_prefill(request, error=exc)
-            return
-        self.prefilling = None
-        request.plan = request.embeds = request.taken = None  # its prefill cache and the prefix it took go now
-        self.budget.release(*owners)
-        request.row, request.pos, request.joined = n, request.prompt_tokens, next(self._joined)
+        """The prefilled request joins the decoding rows. Its prompt is already in its row: nothing is copied, unless
+        replies that ended meanwhile left a lower row free."""
+        row = request.row
+        if row != len(self.running):
+            try:
+                self.pool.move(row, len(self.running), request.prompt_tokens, zero_rest=True)
+            except Exception as exc:  # noqa: BLE001 - out of memory here ends the newcomer only
+                self._end_prefill(request, error=exc)
+                return
+            row = len(self.running)
+        request.plan = request.embeds = request.taken = None  # the prefix it took lives on in its row
+        self.budget.release(("prefill", id(request)), ("taken", id(request)))
+        request.row, request.pos, request.joined = row, request.prompt_tokens, next(self._joined)
         request.decoding()
         self.running.append(request)
-        log.debug("joined: row %d of a pool of %d × %d positions", n, self.pool.rows, self.pool.length)
+        self.prefilling = None
+        log.debug("joined: row %d of a pool of %d × %d positions", row, self.pool.rows, self.pool.length)
 
     # ------------------------------------------------ decode: plan → run → apply
 
@@ -475,27 +503,30 @@ class Scheduler:
             chosen.append((request, tokens[i], raw[i] if request.logits is not None else None))
 
     def _leave(self, request: Request, reason: str, error: BaseException | None = None) -> None:
-        """A reply ends: its keys/values go to the reuse cache (a failed one keeps only the prefix it reused), the
-        last row takes its place."""
-        row, last = request.row, len(self.running) - 1
-        kept = None
+        """A reply ends: its keys/values go to the reuse cache (a failed one keeps only the prefix it reused) before
+        its consumer hears that it ended; then the last row takes its place (nobody sees the engine idle while a
+        reply it held is not finished yet)."""
+        row = request.row
         length = request.pos if error is None else request.stats.reused_tokens
         if (length and self.store.enabled and not isinstance(error, torch.OutOfMemoryError)
                 and self.budget.try_hold(("keep", id(request)), length * self.pool.bytes_per_token)):
+            kept = None
             with contextlib.suppress(torch.OutOfMemoryError):  # losing its cache entry only costs speed
                 kept = (request.history[0, :length], self.pool.read(row, length))
+            self.budget.release(("keep", id(request)))
+            if kept is not None:
+                self._keep(request, *kept)
+        self._end(request, reason, error)
+        last = len(self.running) - 1
         if row != last:
             moved = self.running[last]
             self.pool.move(last, row, moved.pos)
             self.running[row], moved.row = moved, row
         self.running.pop()
         request.row = -1
-        if not self.running:
-            self.pool.free()
-        self.budget.hold({"pool": self.pool.nbytes, ("keep", id(request)): 0})
-        if kept is not None:
-            self._keep(request, *kept)
-        self._end(request, reason, error)
+        if not self.running and self.prefilling is None:
+            self.pool.free()  # (a newcomer being read keeps its row)
+        self.budget.hold({"pool": self.pool.nbytes})
 
     def _end(self, request: Request, reason: str, error: BaseException | None = None) -> None:
         """A request ends here: with its reason, or with its error (memory released after a failure)."""
@@ -544,15 +575,13 @@ class Scheduler:
     # ------------------------------------------------ for tests: memory truth
 
     def accounting_holds(self) -> bool:
-        """Whether what is really allocated (pool, the prefilling request's cache, the prefix it took, the reuse
-        cache) is within what the budget accounts for."""
+        """Whether what is really allocated (the pool, the prefix the newcomer took, the reuse cache) is within what
+        the budget accounts for."""
         request = self.prefilling
-        prefill = 0
-        if request is not None:
-            cache = request.plan.cache if request.plan is not None else None
-            if cache is not None:
-                prefill = sum(layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes()
-                              for layer in cache.layers if layer.is_initialized)
-            prefill += request.taken.nbytes if request.taken is not None else 0
-        return self.pool.nbytes + prefill + self.store.nbytes <= self.budget.accounted
+        taken = request.taken.nbytes if request is not None and request.taken is not None else 0
+        return self.pool.nbytes + taken + self.store.nbytes <= self.budget.accounted
 
+
+def _stop_at_exit(scheduler: weakref.ref) -> None:
+    if (alive := scheduler()) is not None:
+        alive.stop()

@@ -1,17 +1,19 @@
-"""The keys/values of the replies being decoded together: one row per reply, each at its own position.
+"""The keys/values of the replies being written: one row per reply, each at its own position.
 
 transformers' `StaticCache` writes every row of a batch at one shared position, so it cannot hold
 replies that started at different times. `SlotPool` keeps, per decoder layer, keys and values of shape
-`[rows, kv_heads, length, head_dim]`; a forward over rows `[start, end)` writes each row's new key and
-value at that row's own position and attends over the first `view_len` positions (the caller passes
-per-row `position_ids` and a 4D mask, which transformers uses as it is).
+`[rows, kv_heads, length, head_dim]`; a decode forward over rows `[start, end)` writes each row's new
+key and value at that row's own position and attends over the first `view_len` positions (the caller
+passes per-row `position_ids` and a 4D mask, which transformers uses as it is).
 
 Rows `[0, n)` are the replies decoding now, so a batched step runs its matrix products on exactly
-them; a reply that ends leaves by moving the last row into its place. The pool grows when a reply
-joins and no row is free (layer by layer, so the extra memory at that moment is one layer's; the
-scheduler grows it by more than one row when the budget allows, so that joins rarely copy it) and is
-freed when the last reply leaves. Positions past a row's length hold zeros or stale but finite values,
-which its mask hides.
+them; a reply that ends leaves by moving the last row into its place. A newcomer's prompt is read
+straight into a row of its own past them (`prefill_view`): its first forward copies in the prefix an
+earlier turn computed and zeroes the rest of the row, layer by layer, so that joining the decoding rows
+copies nothing. The pool grows when a newcomer needs a row and none is free (layer by layer, so the
+extra memory at that moment is one layer's; the scheduler takes rows ahead where the budget allows, so
+that growing rarely copies) and is freed when no reply uses it. Positions past a row's length hold
+zeros or stale but finite values, which its mask hides.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     return 2 * layers * heads * head_dim * dtype.itemsize
 
 
-class _SlotLayer(CacheLayerMixin):
-    """One decoder layer's cache for a forward over some rows of the pool."""
+class _PoolLayer(CacheLayerMixin):
+    """One decoder layer's cache backed by the pool (which allocates); subclasses say which rows a forward uses."""
 
     is_compileable = False
 
@@ -51,6 +53,10 @@ class _SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         pass  # the pool allocates
+
+
+class _SlotLayer(_PoolLayer):
+    """A decode forward over some rows of the pool."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         return self.pool._update(self.index, key_states, value_states)
@@ -63,6 +69,28 @@ class _SlotLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.pool.length
+
+
+class _RowLayer(_PoolLayer):
+    """A prefill forward of one row: to the model it is the row's own static cache of `attend` positions (its
+    prompt + max_new_tokens), so a prompt read here is read as generate reads it."""
+
+    # What transformers reads from this flag is "the attended length is fixed, not the positions filled": like a
+    # StaticCache, a one-token query (a prompt reused but for its last token) then still gets its causal mask, where
+    # a growing cache's would be skipped — and the row's zeroed tail attended (seen: a different first token).
+    is_compileable = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        return self.pool._update_row(self.index, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.pool._row_attend, 0
+
+    def get_seq_length(self) -> int:
+        return self.pool._row_start  # the positions already written: where this forward's queries begin
+
+    def get_max_length(self) -> int:
+        return self.pool._row_attend
 
 
 class SlotPool:
@@ -80,10 +108,14 @@ class SlotPool:
         self.rows = 0  # allocated
         self.length = 0  # allocated positions per row
         self.cache = Cache(layers=[_SlotLayer(self, i) for i in range(self.n_layers)])
+        self.row_cache = Cache(layers=[_RowLayer(self, i) for i in range(self.n_layers)])
         # The forward being run: rows [start, end), each row's write position, the attended length.
         self._start, self._end = 0, 0
         self._positions = torch.zeros(0, dtype=torch.long)
         self.view_len = 0
+        # The prefill forward being run: its row, where it writes, how far it attends; the row's pending set-up.
+        self._row, self._row_start, self._row_attend = -1, 0, 0
+        self._setup: tuple[int, KV | None, int, set[int]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -121,23 +153,49 @@ class SlotPool:
         self.rows, self.length = rows, length
 
     def free(self) -> None:
-        """Give all the memory back (no reply is decoding)."""
+        """Give all the memory back (no reply uses it)."""
         self.keys, self.values = [], []
         self.rows = self.length = 0
+        self._setup = None
 
-    def write(self, row: int, kv: KV | list, length: int) -> None:
-        """Row `row` takes the first `length` positions of per-layer (keys, values) `[1, heads, *, dim]`; the rest
-        of the row is zeroed: masked positions are still read, and 0 × NaN would be NaN in attention."""
-        for i, (keys, values) in enumerate(kv):
-            for pool, new in ((self.keys[i], keys), (self.values[i], values)):
-                pool[row, :, :length] = new[0, :, :length].to(pool.device)
+    def begin_row(self, row: int, prefix: KV | None, prefix_length: int) -> None:
+        """Row `row` will be a newcomer's: at its first prefill forward each layer copies in the first `prefix_length`
+        positions of `prefix` (per layer (keys, values) `[1, heads, *, dim]`: an earlier turn's) and zeroes the rest
+        of the row — masked positions are still read, and 0 × NaN would be NaN in attention."""
+        self._setup = (row, prefix, prefix_length, set())
+
+    def prefill_view(self, row: int, start: int, attend: int) -> Cache:
+        """The cache for a prefill forward of row `row`: its positions from `start` on are written, and it attends
+        over its first `attend` positions."""
+        self._row, self._row_start, self._row_attend = row, start, attend
+        return self.row_cache
+
+    def _update_row(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        keys, values = self.keys[layer], self.values[layer]
+        row, start = self._row, self._row_start
+        setup = self._setup
+        if setup is not None and setup[0] == row and layer not in setup[3]:
+            _, prefix, length, done = setup
+            for i, pool in enumerate((keys, values)):
+                if length:
+                    pool[row, :, :length] = prefix[layer][i][0, :, :length].to(pool.device)  # type: ignore[index]
                 pool[row, :, length:] = 0
+            done.add(layer)
+            if len(done) == self.n_layers:
+                self._setup = None
+        end = start + key_states.shape[-2]
+        keys[row, :, start:end] = key_states[0]
+        values[row, :, start:end] = value_states[0]
+        return keys[row: row + 1, :, : self._row_attend], values[row: row + 1, :, : self._row_attend]
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Row `dst` takes row `src`'s first `length` positions (a reply leaving makes room this way)."""
+    def move(self, src: int, dst: int, length: int, zero_rest: bool = False) -> None:
+        """Row `dst` takes row `src`'s first `length` positions (a reply leaving makes room this way); with
+        `zero_rest`, the rest of `dst` is zeroed too (its old contents were another reply's)."""
         for tensors in (self.keys, self.values):
             for layer in tensors:
                 layer[dst, :, :length] = layer[src, :, :length]
+                if zero_rest:
+                    layer[dst, :, length:] = 0
 
     def read(self, row: int, length: int) -> KV:
         """Compact copies of row `row`'s first `length` positions, per layer (for the reuse cache)."""

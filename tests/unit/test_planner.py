@@ -21,19 +21,19 @@ class Store:
 # ---------------------------------------------------------------- who joins, how the pool grows
 
 
-def test_a_newcomer_needs_its_prefill_cache_its_features_and_the_pools_growth():
+def test_a_newcomer_needs_its_features_and_the_pools_growth_for_its_row():
     empty = PoolGeometry(0, 0, bytes_per_token=10, align=256, layers=2)
     first = planner.need(empty, [], capacity=300, feature_bytes=7)
-    assert (first.prefill, first.features, first.pool_growth) == (3000, 7, 1 * 512 * 10)
+    assert (first.features, first.pool_growth) == (7, 1 * 512 * 10)
     pool = PoolGeometry(2, 512, 10, 256, layers=2)  # room for a second row of 300 already
     assert planner.need(pool, [300], 300, 0).pool_growth == 0
     third = planner.need(pool, [300, 400], 600, 0)  # 3 rows of 768: grows, and one old tensor lives meanwhile
     assert third.pool_growth == 3 * 768 * 10 - pool.nbytes + pool.nbytes // 4
-    assert third.total == third.prefill + third.features + third.pool_growth
+    assert third.total == third.features + third.pool_growth
 
 
 def test_admission_waits_for_a_row_and_for_memory_but_alone_always_starts():
-    need = planner.Need(prefill=100, features=0, pool_growth=50)
+    need = planner.Need(features=100, pool_growth=50)
     assert planner.admission(running=0, prefilling=False, batch=4, needed=need, room=0)  # alone: always
     assert planner.admission(running=2, prefilling=False, batch=4, needed=need, room=150)
     assert not planner.admission(running=2, prefilling=False, batch=4, needed=need, room=149)  # waits for memory
@@ -47,7 +47,18 @@ def test_the_pool_doubles_its_rows_where_the_budget_allows():
     assert planner.pool_target(pool, 3, 400, batch=8, room=10**9) == (4, 512)  # doubled: the next join copies nothing
     assert planner.pool_target(pool, 3, 400, batch=3, room=10**9) == (3, 512)  # never beyond --batch
     assert planner.pool_target(pool, 3, 400, batch=8, room=3 * 512 * 10 - pool.nbytes) == (3, 512)  # just enough
+    # Rows ahead of need only with bytes nobody uses: earlier turns in the reuse cache are not evicted for them.
+    assert planner.pool_target(pool, 3, 400, batch=8, room=10**9, spare=3 * 512 * 10 - pool.nbytes) == (3, 512)
+    # ... but rows for requests already waiting in line are taken ahead (the reuse cache gives way for them).
+    assert planner.pool_target(pool, 3, 400, batch=8, room=10**9, spare=0, coming=2) == (5, 512)
+    assert planner.pool_target(pool, 3, 400, batch=4, room=10**9, spare=0, coming=9) == (4, 512)
     assert planner.pool_target(pool, 3, 900, batch=8, room=10**9) == (4, 900)  # longer rows too
+    # On a CPU: all --batch rows at once where the budget allows (memory not written costs nothing), else doubling.
+    assert planner.pool_target(pool, 3, 400, batch=8, room=10**9, all_rows_at_once=True) == (8, 512)
+    doubling_room = 4 * 512 * 10 - pool.nbytes
+    assert planner.pool_target(pool, 3, 400, batch=8, room=doubling_room, all_rows_at_once=True) == (4, 512)
+    empty = PoolGeometry(0, 0, 10, 256, layers=2)
+    assert planner.pool_target(empty, 1, 300, batch=4, room=10**9, all_rows_at_once=True) == (4, 300)
 
 
 def test_prefill_pieces_and_how_far_a_decode_step_looks_back():
