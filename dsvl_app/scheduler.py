@@ -318,9 +318,9 @@ class Scheduler:
             if not planner.admission(len(self.running), False, self.batch, needed, self.budget.room()):
                 return  # waits for memory, first in line: nobody runs out of memory for it
             self.waiting.popleft()
+            self.prefilling = request  # in the same breath: the engine never looks idle with it in hand
             self._number_the_line()
         request.started()
-        self.prefilling = request
         owner = ("prefill", id(request))
         self.budget.hold({owner: needed.features})  # before its features exist
         try:
