@@ -28,6 +28,7 @@ import torch
 from . import conversation as conv
 from . import reuse
 from .media import load_image
+from .metrics import EngineMetrics, refusal_reason
 from .model import ModelHandle
 from .request import DONE, EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, Request, as_generation_error
 from .runner import model_inputs
@@ -85,21 +86,51 @@ class Engine:
     # -- requests
 
     def submit(self, turns: Sequence[conv.Turn], params: GenerationParams, *, new: conv.Turn | None = None,
-               stop: Sequence[str] = (), load: Callable[..., Any] = load_image, record_logits: bool = False) -> Reply:
+               stop: Sequence[str] = (), load: Callable[..., Any] = load_image, record_logits: bool = False,
+               surface: str = "other") -> Reply:
         """Build the prompt for `turns` (the last one the user's; `new` its newest message, checked first) and
         put it in line. Raises the conversation's refusals (bad image, too many images or tokens) and
-        `EngineBusy` when the line is full; failures after this point come out of the Reply."""
-        prepared = prepare(self.handle, self.limits, turns, params, new=new, load=load)
-        return self.enqueue(prepared, params, stop, record_logits)
+        `EngineBusy` when the line is full, each counted by reason and `surface` (ui, chat, v1, mcp); failures
+        after this point come out of the Reply."""
+        with self.counting_refusals(surface):
+            prepared = prepare(self.handle, self.limits, turns, params, new=new, load=load)
+            return self.enqueue(prepared, params, stop, record_logits, surface)
 
     def enqueue(self, prepared: Prepared, params: GenerationParams, stop: Sequence[str] = (),
-                record_logits: bool = False) -> Reply:
+                record_logits: bool = False, surface: str = "other") -> Reply:
         """Put a prepared prompt in line (raises `EngineBusy` when the line is full)."""
         handle = self.handle
         request = Request(handle.model, handle.processor.tokenizer, prepared.inputs, prepared.keys, prepared.spans,
-                          params, tuple(stop), record_logits)
+                          params, tuple(stop), record_logits, surface)
         self.scheduler.add(request)
         return Reply(self, request, prepared.prompt, prepared.inputs)
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        return self.scheduler.metrics
+
+    @contextlib.contextmanager
+    def counting_refusals(self, surface: str) -> Iterator[None]:
+        """Count a refusal raised inside (a bad image, too many tokens, a full line, …) by its reason."""
+        try:
+            yield
+        except Exception as exc:
+            self.metrics.refuse(refusal_reason(exc), surface)
+            raise
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus text of this engine's metrics."""
+        return self.metrics.render()
+
+    def health(self) -> tuple[str | None, dict[str, Any]]:
+        """(why it cannot take work now — None when it can —, what it is: model, dtype, device, batch, replicas)."""
+        handle = self.handle
+        about = {"model": handle.label, "dtype": str(handle.dtype).removeprefix("torch."), "device": str(handle.device),
+                 "batch": self.batch, "replicas": {"healthy": 1, "total": 1}}
+        problem = self.scheduler.health(self.limits.token_timeout_s)
+        if problem is not None:
+            about["replicas"]["healthy"] = 0
+        return problem, about
 
     def prefetcher(self, load: Callable[[str], Any]) -> Prefetcher:
         """Encodes images attached in the UI while this engine is idle (see Prefetcher)."""

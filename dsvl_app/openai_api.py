@@ -15,7 +15,6 @@ end are thin. No gradio imports.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import conversation as conv
+from .access import Denied, check_key
 from .engine import Engine, EngineBusy, GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, ReplyStream
 from .image_urls import ImageUrlError, ImageUrls
 from .media import ImageRejected, load_image
@@ -53,15 +53,27 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    @property
+    def refusal_reason(self) -> str:
+        """The metrics' word for this refusal."""
+        if self.code == "invalid_image":
+            return "bad_image"
+        if self.code == "context_length_exceeded":
+            return "too_many_tokens"
+        if self.param and self.param not in ("messages", "model") and not self.param.startswith("messages"):
+            return "bad_parameter"
+        return "bad_request"
+
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def _invalid(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -307,18 +319,10 @@ class Api:
     # -- checks
 
     def authorize(self, request: Request) -> None:
-        keys = self.settings.api_keys
-        if not keys:
-            if self.settings.exposed:
-                raise ApiError(401, "The OpenAI-compatible API is closed: this app is reachable by others (a share "
-                               "link, --auth or a non-loopback --host) and no API key is set. Start it with --api-key "
-                               "KEY (or DSVL_API_KEY) and send 'Authorization: Bearer KEY'.", code="api_closed")
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "Missing API key: send 'Authorization: Bearer KEY'.", code="missing_api_key")
-        if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        try:
+            check_key(self.settings, request.headers.get("authorization"), "The OpenAI-compatible API")
+        except Denied as denied:
+            raise ApiError(401, denied.message, code=denied.code) from None
 
     async def read_body(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -360,7 +364,7 @@ class Api:
 
     def start(self, turns: list[conv.Turn], labels: dict[str, str], chat: ChatRequest) -> ReplyStream:
         try:
-            return self.engine.submit(turns, chat.params, stop=chat.stop, load=load_image)
+            return self.engine.submit(turns, chat.params, stop=chat.stop, load=load_image, surface="v1")
         except ImageRejected as exc:
             label = labels.get(exc.filename)
             message = f"{label} {exc.reason}" if label else str(exc)
@@ -375,7 +379,9 @@ class Api:
         if isinstance(exc, ApiError):
             return exc
         if isinstance(exc, EngineBusy):
-            return ApiError(429, str(exc), "rate_limit_error", code="queue_full")
+            # Retry-After (seconds, estimated from the line and recent replies): the openai SDK waits that long.
+            return ApiError(429, str(exc), "rate_limit_error", code="queue_full",
+                            headers={"Retry-After": str(exc.retry_after_s)})
         if isinstance(exc, OutOfMemory):
             return ApiError(503, str(exc), "server_error", code="out_of_memory")
         if isinstance(exc, GenerationTimeout):
@@ -388,10 +394,11 @@ class Api:
     async def complete(self, request: Request, access: Access) -> Any:
         self.authorize(request)
         engine = self.engine
-        chat = parse_request(await self.read_body(request), self.model_id, self.settings.limits.max_new_tokens,
-                             engine.sampling_defaults, engine.vocab_size)
-        access.stream, access.ignored = chat.stream, chat.ignored
-        turns, labels = await self.turns(chat, request)
+        with engine.counting_refusals("v1"):  # a request refused before it reaches the engine (the engine counts its own)
+            chat = parse_request(await self.read_body(request), self.model_id, self.settings.limits.max_new_tokens,
+                                 engine.sampling_defaults, engine.vocab_size)
+            access.stream, access.ignored = chat.stream, chat.ignored
+            turns, labels = await self.turns(chat, request)
         reply = _Reply(await asyncio.to_thread(self.start, turns, labels, chat), request)
         access.reply = reply.reply
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

@@ -12,6 +12,9 @@ Imported only with `--replicas` / `--ray-address`; without them Ray is never imp
 - `RemoteEngine` / `RemoteReply`: the engine's interface for the front door. The prompt is built and encoded
   here with the processor (no weights in this process); its tensors travel to a replica; text and stats come
   back. Nothing above the engine knows whether it is local or remote.
+- `MetricsHub`: a small named actor the front door starts; every replica sends it its metrics and health every
+  `REPORT_S`, and the front door's `/metrics` (each sample labelled `replica`) and `/health` (replicas healthy
+  of total) read it — one scrape target for the whole service (docs/scaling.md says why).
 - `start` / `Cluster.shutdown`: a local Ray instance (or a cluster at `--ray-address`), Serve without its HTTP
   proxy (the front door is gradio's server), and a clean shutdown that leaves no Ray process behind.
 """
@@ -19,6 +22,7 @@ Imported only with `--replicas` / `--ray-address`; without them Ray is never imp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,7 +30,7 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +46,7 @@ from . import conversation as conv
 from . import reuse
 from .engine import END, POLL_S, Engine, Prepared, ReplyStream, default_batch, prepare
 from .media import load_image
+from .metrics import EngineMetrics, merge, refusal_reason
 from .model import ModelHandle, ModelLoadError, get_model, resolve_device, resolve_model_id, resolve_source
 from .request import EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, as_generation_error
 from .reuse import ReuseCache
@@ -59,6 +64,30 @@ FIRST_EVENT_S = 60.0  # a replica acknowledges a request at once; longer means n
 REPLICA_DIED = ("The engine replica writing this reply stopped (its process ended), so the reply is cut here. Your "
                 "conversation is kept: send the message again and a healthy replica answers.")
 ERRORS = {cls.__name__: cls for cls in (GenerationError, GenerationTimeout, OutOfMemory, EngineBusy)}
+ERRORS["BackPressure"] = EngineBusy  # Serve's own line (in this process) was full
+HUB_NAME = "dsvl-metrics-hub"
+REPORT_S = 2.0  # how often a replica sends its metrics and health to the hub
+REPORT_STALE_S = 7.0  # a replica silent this long is not healthy (dead, or wedged beyond sending)
+
+
+# ---------------------------------------------------------------- what operators see
+
+
+@ray.remote(num_cpus=0)
+class MetricsHub:
+    """The replicas' latest metrics and health, as each last sent them (a named actor in the app's namespace)."""
+
+    def __init__(self) -> None:
+        self.reports: dict[str, tuple[bytes, str | None, float]] = {}
+
+    def report(self, replica: str, text: bytes, problem: str | None) -> None:
+        self.reports[replica] = (text, problem, time.time())
+
+    def forget(self, replica: str) -> None:
+        self.reports.pop(replica, None)
+
+    def read(self) -> dict[str, tuple[bytes, str | None, float]]:
+        return self.reports
 
 
 # ---------------------------------------------------------------- the replica
@@ -67,14 +96,34 @@ ERRORS = {cls.__name__: cls for cls in (GenerationError, GenerationTimeout, OutO
 class EngineReplica:
     """One engine on one device (a Serve replica): loads the model once and batches the replies sent to it."""
 
-    def __init__(self, settings: Settings, threads: int | None = None):
+    def __init__(self, settings: Settings, threads: int | None = None, hub: str | None = HUB_NAME):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if threads:
             torch.set_num_threads(threads)  # its share of the CPUs: replicas side by side must not oversubscribe
         self.engine = Engine(get_model(settings), settings)
         context = serve.get_replica_context()
         self.name = f"{context.replica_id.unique_id}"
+        self._stop = threading.Event()
+        if hub:
+            threading.Thread(target=self._report, args=(hub,), name="dsvl-metrics-report", daemon=True).start()
         log.info("replica %s ready (pid %d): %s", self.name, os.getpid(), self.engine.describe())
+
+    def _report(self, hub_name: str) -> None:
+        """Send this replica's metrics and health to the front door's hub every REPORT_S (fire and forget)."""
+        hub = None
+        while True:
+            try:
+                hub = hub or ray.get_actor(hub_name, namespace=APP_NAME)
+                problem, _ = self.engine.health()
+                hub.report.remote(self.name, self.engine.metrics_text(), problem)
+            except Exception as exc:  # noqa: BLE001 - no hub yet, or gone (the app is stopping): try again later
+                hub = None
+                log.debug("metrics report failed: %r", exc)
+            if self._stop.wait(REPORT_S):
+                return
+
+    def __del__(self) -> None:
+        self._stop.set()
 
     def info(self) -> dict[str, Any]:
         """What the front door needs to know: the model, its limits and this replica's identity."""
@@ -97,15 +146,18 @@ class EngineReplica:
         return {"replica": self.name, "pid": os.getpid(), "replies": len(scheduler.running) + len(scheduler.waiting)}
 
     async def generate(self, prepared: Prepared, params: GenerationParams, stop: Sequence[str] = (),
-                       affinity: Sequence[str] = ()) -> AsyncIterator[tuple]:
-        """One reply's events: ("accepted" | "text" | "tick" | "end", text, stats) or ("error", class, message).
+                       affinity: Sequence[str] = (), surface: str = "other") -> AsyncIterator[tuple]:
+        """One reply's events: ("accepted" | "text" | "tick" | "end", text, stats) or ("error", class, message,
+        retry_after_s).
 
-        `affinity` is read by the router only. Cancelling this generator (the caller's Stop) stops the reply.
+        `affinity` is read by the router only; `surface` labels the reply's metrics. Cancelling this generator (the
+        caller's Stop) stops the reply.
         """
         try:
-            reply = self.engine.enqueue(prepared, params, stop)
+            with self.engine.counting_refusals(surface):
+                reply = self.engine.enqueue(prepared, params, stop, surface=surface)
         except GenerationError as exc:
-            yield ("error", type(exc).__name__, str(exc))
+            yield ("error", type(exc).__name__, str(exc), getattr(exc, "retry_after_s", None))
             return
         reply.stats.replica = self.name
         try:
@@ -240,8 +292,9 @@ class RemoteReply(ReplyStream):
     stall timeout ends it too. `cancel` cancels the replica's generator, which asks its engine to stop."""
 
     def __init__(self, engine: RemoteEngine, prepared: Prepared, params: GenerationParams, stop: Sequence[str],
-                 affinity: Sequence[str]):
+                 affinity: Sequence[str], surface: str = "other"):
         super().__init__(engine.limits.token_timeout_s)
+        self.engine, self.surface = engine, surface
         self.prompt, self.inputs = prepared.prompt, prepared.inputs
         self.stats = GenerationStats(prompt_tokens=int(prepared.inputs["input_ids"].shape[-1]),
                                      images=len(prepared.keys))
@@ -249,7 +302,7 @@ class RemoteReply(ReplyStream):
         self._closed = threading.Event()
         # Images travel as the processor's tensors (in `inputs`); the prompt's images stay here.
         self._call = lambda: engine.deployment.options(stream=True).generate.remote(
-            dataclasses.replace(prepared, prompt=None), params, tuple(stop), affinity=tuple(affinity))
+            dataclasses.replace(prepared, prompt=None), params, tuple(stop), affinity=tuple(affinity), surface=surface)
         first = self._start()
         if first[0] == "error" and first[1] == "ReplicaDied":
             # The replica died before it began (Serve had not noticed yet): nothing was written, so try once more.
@@ -267,8 +320,10 @@ class RemoteReply(ReplyStream):
         first = self._next(FIRST_EVENT_S)
         if first is None:
             self.cancel()
+            self.engine.metrics.refuse("busy", self.surface)  # (a replica counts its own refusals)
             raise EngineBusy("No engine replica took the request within "
-                             f"{FIRST_EVENT_S:.0f} s: every replica is busy or starting. Try again shortly.")
+                             f"{FIRST_EVENT_S:.0f} s: every replica is busy or starting. Try again shortly.",
+                             retry_after_s=FIRST_EVENT_S)
         return first
 
     def _pump(self, response: Any, events: queue.Queue) -> None:
@@ -299,11 +354,15 @@ class RemoteReply(ReplyStream):
                 self._response.cancel()
 
     def _read(self, event: tuple) -> Any:
-        kind, payload, extra = event
+        kind, payload, extra, *more = event
         if kind == "error":
             self.stats.stop_reason = "error" if payload != "GenerationTimeout" else "timeout"
             if payload == "ReplicaDied":
                 raise GenerationError(REPLICA_DIED)
+            if payload == "BackPressure":
+                self.engine.metrics.refuse("busy", self.surface)
+            if ERRORS.get(payload) is EngineBusy:
+                raise EngineBusy(extra, retry_after_s=(more and more[0]) or self.engine.retry_after_s())
             raise ERRORS.get(payload, GenerationError)(extra)
         if extra is not None:
             replica = self.stats.replica or extra.replica
@@ -333,7 +392,7 @@ def _failure_event(exc: BaseException, cancelled: bool) -> tuple:
     if cancelled or isinstance(exc, (RequestCancelledError, TaskCancelledError, asyncio.CancelledError)):
         return ("closed", "", None)
     if isinstance(exc, BackPressureError):
-        return ("error", "EngineBusy", "Too many requests are waiting for the engine replicas: try again shortly.")
+        return ("error", "BackPressure", "Too many requests are waiting for the engine replicas: try again shortly.")
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
         return ("error", "ReplicaDied", "")
     log.error("replica stream failed: %r", exc)
@@ -352,23 +411,68 @@ class RemoteEngine:
         self.sampling_defaults = info["sampling_defaults"]
         self.vocab_size = info["vocab_size"]
         self.preamble = preamble_tokens(handle.processor)
+        self.metrics = EngineMetrics()  # what the front door refuses itself (each replica counts the rest)
+        self.hub = MetricsHub.options(name=HUB_NAME, namespace=APP_NAME, get_if_exists=True).remote()
 
     def describe(self) -> str:
         return (f"{self.replicas} engine replica(s) on Ray Serve, each {self.info['describe']}; a conversation's "
                 "turns go to the replica holding its earlier ones")
 
+    remote = True  # its metrics and health are Ray calls: asked from a worker thread (ops.py)
+
     def submit(self, turns: Sequence[conv.Turn], params: GenerationParams, *, new: conv.Turn | None = None,
                stop: Sequence[str] = (), load: Callable[..., Any] = load_image,
-               record_logits: bool = False) -> RemoteReply:
+               record_logits: bool = False, surface: str = "other") -> RemoteReply:
         """As Engine.submit: the prompt is built here, written by a replica."""
         if record_logits:
             raise ValueError("record_logits is for the in-process engine")
-        prepared = prepare(self.handle, self.limits, turns, params, new=new, load=load, hash_images=True)
+        with self.counting_refusals(surface):
+            prepared = prepare(self.handle, self.limits, turns, params, new=new, load=load, hash_images=True)
         affinity = self.affinity(prepared)
         if not self.handle.reuse.enabled:  # the replicas compare images by key only with reuse on
             prepared = dataclasses.replace(prepared, keys=[""] * len(prepared.keys),
                                            spans=tuple(dataclasses.replace(s, key="") for s in prepared.spans))
-        return RemoteReply(self, prepared, params, stop, affinity)
+        return RemoteReply(self, prepared, params, stop, affinity, surface)
+
+    @contextlib.contextmanager
+    def counting_refusals(self, surface: str) -> Iterator[None]:
+        """As Engine.counting_refusals, for what the front door refuses before a replica sees it."""
+        try:
+            yield
+        except Exception as exc:
+            self.metrics.refuse(refusal_reason(exc), surface)
+            raise
+
+    def retry_after_s(self) -> int:
+        """A wait to suggest when Serve's line is full: a few health periods (replicas' lines move in seconds)."""
+        return int(REPORT_S * 2)
+
+    def _reports(self) -> dict[str, tuple[bytes, str | None, float]]:
+        """The replicas' latest reports, those sent within REPORT_STALE_S (a replaced replica's stop)."""
+        reports = ray.get(self.hub.read.remote(), timeout=5)
+        now = time.time()
+        return {name: report for name, report in reports.items() if now - report[2] <= REPORT_STALE_S}
+
+    def metrics_text(self) -> bytes:
+        """Every replica's metrics labelled `replica`, and the front door's own refusals (replica="front")."""
+        texts: dict[str, str | bytes] = {"front": self.metrics.render()}
+        texts.update({name: text for name, (text, _, _) in sorted(self._reports().items())})
+        return merge(texts)
+
+    def health(self) -> tuple[str | None, dict[str, Any]]:
+        """As Engine.health: healthy while at least one replica reported recently without a problem."""
+        info = self.info
+        about: dict[str, Any] = {"model": info["label"], "dtype": info["dtype"], "device": info["device"],
+                                 "batch": self.batch, "replicas": {"healthy": 0, "total": self.replicas}}
+        reports = self._reports()
+        healthy = sum(problem is None for _, problem, _ in reports.values())
+        about["replicas"]["healthy"] = healthy
+        if healthy:
+            return None, about
+        problems = sorted({problem for _, problem, _ in reports.values() if problem})
+        if problems:
+            return f"no engine replica can take work: {'; '.join(problems)}", about
+        return (f"no engine replica reported in the last {REPORT_STALE_S:.0f} s (loading, restarting or gone)", about)
 
     def affinity(self, prepared: Prepared) -> list[str]:
         """The prompt's prefix hashes the router matches (reuse.prefix_hashes), without the template's preamble:

@@ -36,7 +36,11 @@ class GenerationTimeout(GenerationError):
 
 
 class EngineBusy(GenerationError):
-    """The line for the model is full; the message says how full."""
+    """The line for the model is full; the message says how full, `retry_after_s` when to try again."""
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
 
 
 def oom_message(prompt_tokens: int, images: int, max_new_tokens: int) -> str:
@@ -107,7 +111,8 @@ class Request:
     """A reply in the engine; see the module docstring. `capacity` positions of keys/values are reserved."""
 
     def __init__(self, model: Any, tokenizer: Any, inputs: Any, keys: list[str], spans: tuple[ImageSpan, ...],
-                 params: GenerationParams, stop: tuple[str, ...] = (), record_logits: bool = False):
+                 params: GenerationParams, stop: tuple[str, ...] = (), record_logits: bool = False,
+                 surface: str = "other"):
         self.inputs = inputs  # the processor's output (CPU): ids, pixel values — dropped once its images are encoded
         self.ids = inputs["input_ids"]  # [1, prompt]
         self.prompt_tokens = int(self.ids.shape[-1])
@@ -129,8 +134,13 @@ class Request:
         self.notify: Any = None  # set by an async consumer: called (from the engine's thread) after each put
         self.cancelled = threading.Event()
         self.cancel_reason: str | None = None
+        self.surface = surface  # where it came from (metrics): ui, chat, v1, mcp, other
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
+        self.last_token_at = 0.0
+        self.last_gap_s: float | None = None  # between its last two tokens (None after the first)
+        self.admitted = False  # it left the line to be read
+        self.on_end: Any = None  # set by the scheduler: called as it finishes, before its consumer hears of it
         # Scheduler-owned state while it runs.
         self.plan: Any = None  # reuse.Plan: the reused prefix's length and the image features
         self.taken: Any = None  # reuse.Taken: the reuse prefix taken out of the store (given back if never used)
@@ -174,6 +184,7 @@ class Request:
         """Its prefill begins: it has left the line."""
         self.stats.queued_s = time.perf_counter() - self.submitted_at
         self.stats.place_in_line = None
+        self.admitted = True
         self._set(Status.PREFILLING)
 
     def decoding(self) -> None:
@@ -189,6 +200,8 @@ class Request:
             self.logits.append(logits.to("cpu"))
         stats = self.stats
         stats.new_tokens = len(self.tokens)
+        self.last_gap_s = None if self.first_token_at is None else now - self.last_token_at
+        self.last_token_at = now
         if self.first_token_at is None:
             self.first_token_at = now
             stats.time_to_first_token_s = now - self.submitted_at
@@ -227,4 +240,6 @@ class Request:
         self.status = Status.FINISHED
         # The tensors go back at once, whoever still holds this request (a consumer's frame, a log line).
         self.plan = self.embeds = self.inputs = self.taken = None
+        if self.on_end is not None:
+            self.on_end(self)  # (its metrics: counted before a reader of the reply can scrape)
         self._put(DONE)

@@ -36,6 +36,7 @@ import atexit
 import contextlib
 import itertools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -47,6 +48,7 @@ import torch
 
 from . import planner
 from .budget import Budget
+from .metrics import EngineMetrics, Gauges
 from .planner import DECODE_MODES, DecodePolicy
 from .request import EngineBusy, OutOfMemory, Request, as_generation_error, oom_message
 from .runner import HeapTrimmer, Runner, layer_owners, model_inputs
@@ -106,6 +108,8 @@ class Scheduler:
         self._step_s: float | None = None  # recent decode step time (the gap a stream sees when nobody prefills)
         self._joined = itertools.count()
         self.trimmer = HeapTrimmer()  # freed heap memory goes back to the system after requests end
+        self.metrics = EngineMetrics(self.gauges)
+        self._service_s: float | None = None  # recent time a request spends being answered (admitted → end)
         self._stopping = False
         # A daemon thread killed by the interpreter's exit inside a tensor operation aborts the process ("terminate
         # called without an active exception", exit 134): the thread ends its step and stops first.
@@ -118,7 +122,8 @@ class Scheduler:
         with self._cond:
             if len(self.waiting) >= self.queue_size:
                 raise EngineBusy(f"The server is busy: {len(self.waiting)} requests are already waiting for the model "
-                                 f"(at most {self.queue_size}); try again shortly.")
+                                 f"(at most {self.queue_size}); try again shortly.", self.retry_after_s())
+            request.on_end = self._ended
             self.waiting.append(request)
             request.stats.place_in_line = len(self.waiting)
             self._wake()
@@ -142,6 +147,37 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
+
+    def retry_after_s(self) -> int:
+        """When a refused request may find room: the line ahead of it, `batch` at a time, each taking about as long
+        as the recent replies took (from their admission to their end); 1 s a request before any reply ended."""
+        ahead = len(self.waiting) + 1
+        if self._service_s is None:
+            return max(1, min(ahead, 60))
+        return max(1, min(3600, math.ceil(ahead / self.batch * self._service_s)))
+
+    def gauges(self) -> Gauges:
+        """The engine's state for a metrics scrape (read from any thread: a snapshot, not a lock)."""
+        running, store = len(self.running), self.store.stats()
+        return Gauges(running=running, waiting=len(self.waiting), prefilling=int(self.prefilling is not None),
+                      decode_rows=running, kv_used_bytes=self.budget.reserved + store.nbytes,
+                      kv_budget_bytes=self.budget.total, reuse_prefix_entries=store.prefix_entries,
+                      reuse_image_entries=store.feature_entries, reuse_bytes=store.nbytes)
+
+    def health(self, stalled_after_s: float) -> str | None:
+        """Why the engine cannot take work now (None: it can): its thread died with work in hand, or it made no
+        progress for `stalled_after_s` while busy (a wedged device)."""
+        if self._stopping:
+            return "the engine is shutting down"
+        if not self.busy:
+            return None
+        thread = self._thread
+        if not self.inline and (thread is None or not thread.is_alive()):
+            return "the engine's thread is not running while requests wait"
+        silent = time.monotonic() - self.heartbeat
+        if silent > stalled_after_s:
+            return f"the engine made no progress for {silent:.0f} s (a wedged device?)"
+        return None
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the engine's thread once its current step is done (the process is exiting); nothing runs after."""
@@ -321,6 +357,7 @@ class Scheduler:
             self.prefilling = request  # in the same breath: the engine never looks idle with it in hand
             self._number_the_line()
         request.started()
+        self.metrics.admitted(request)
         owner = ("prefill", id(request))
         self.budget.hold({owner: needed.features})  # before its features exist
         try:
@@ -329,6 +366,7 @@ class Scheduler:
                 self.runner.start_prefill(request, self.budget, ("taken", id(request)))
             request.stats.reused_tokens, request.stats.images_reused = request.plan.reused_tokens, request.plan.images_reused
             request.stats.prefilled_tokens = request.cursor
+            self.metrics.read(request)
         except _Cancelled:
             self._end_prefill(request, request.cancel_reason or "stopped")
         except Exception as exc:  # noqa: BLE001 - ends this request only
@@ -369,6 +407,7 @@ class Scheduler:
             tokens, raw = self.runner.sample([request], logits)
             token = self.runner.read([tokens[0]])[0]
             end = request.accept(token, raw[0])
+            self.metrics.token(request)
         except _Cancelled:
             self._end_prefill(request, request.cancel_reason or "stopped")
             return
@@ -470,6 +509,7 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - its text failed: this reply ends, the others go on
                 failed[request] = exc
                 continue
+            self.metrics.token(request)
             if end is not None:
                 ended.append((request, end))
         for request, end in ended:
@@ -536,6 +576,16 @@ class Scheduler:
         else:
             request.finish(reason)
         self.trimmer.poke()
+
+    def _ended(self, request: Request) -> None:
+        """As a request finishes: its metrics, and the service time the next Retry-After is estimated from."""
+        try:
+            self.metrics.ended(request)
+        except Exception:  # noqa: BLE001 - the reply is over: a metric must not fail it
+            log.exception("could not count a finished request")
+        if request.admitted:
+            served = max(0.0, request.stats.total_s - request.stats.queued_s)
+            self._service_s = served if self._service_s is None else 0.8 * self._service_s + 0.2 * served
 
     def _keep(self, request: Request, ids: torch.Tensor, kv: Any) -> None:
         """Put this turn's keys/values back for the next turn (before the consumer hears the reply ended, so

@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from . import conversation as conv
-from . import openai_api, saved
+from . import openai_api, ops, saved
 from .engine import Engine, GenerationError, GenerationParams, GenerationStats
 from .image_urls import ImageUrlError, ImageUrls, is_image_url
 from .media import ImageRejected, check_location, load_image
@@ -278,17 +278,19 @@ class ChatApp:
 
     @_on_gpu
     def stream(self, message: Any, history: Any, params: GenerationParams, with_views: bool = True,
-               min_interval_s: float = 0.0) -> Iterator[Update]:
+               min_interval_s: float = 0.0, surface: str = "ui") -> Iterator[Update]:
         """Submit one reply to the engine and stream it; raises USER_ERRORS with specific messages.
 
         `min_interval_s` coalesces increments: re-rendering the whole chat per token would cap the
         browser's stream far below the model's speed. While the reply waits in line or its prompt is
         read, an update comes every few tenths of a second (the place in line and progress change).
+        `surface` (ui, chat, mcp) labels its metrics.
         """
-        if history is not None and not isinstance(history, list):
-            raise conv.ConversationError("history must be a list of chat messages")
-        turns = conv.conversation_turns(history, message)
-        reply = self.engine.submit(turns, params, new=conv.parse_message(message), load=self._load)
+        with self.engine.counting_refusals(surface):  # a malformed conversation (the engine counts its own refusals)
+            if history is not None and not isinstance(history, list):
+                raise conv.ConversationError("history must be a list of chat messages")
+            turns, new = conv.conversation_turns(history, message), conv.parse_message(message)
+        reply = self.engine.submit(turns, params, new=new, load=self._load, surface=surface)
         prompt = reply.prompt
         views = []
         if with_views:
@@ -317,7 +319,7 @@ class ChatApp:
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
              repetition_penalty: float, seed: float | None, top_k: float | None = None,
-             min_p: float | None = None) -> Iterator[str]:
+             min_p: float | None = None, request: gr.Request = None) -> Iterator[str]:
         """Ask DeepSeek-VL about one or more images (stateless: send the earlier turns in `history`).
 
         Images go in `message["files"]`, in the order the question refers to them (first, second, ...):
@@ -339,9 +341,13 @@ class ChatApp:
         Returns:
             The assistant's reply.
         """
+        # gradio's MCP server calls this endpoint through its own client, which names itself in a header.
+        surface = "mcp" if request is not None and request.headers.get("x-gradio-user") == "mcp" else "chat"
         try:
-            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
-            for update in self.stream(self._resolve_urls(message), history or [], params, with_views=False):
+            with self.engine.counting_refusals(surface):  # refusals before the engine (it counts its own)
+                params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
+                message = self._resolve_urls(message)
+            for update in self.stream(message, history or [], params, with_views=False, surface=surface):
                 yield update.reply  # while it waits in line, the same (empty) reply now and then
         except (*USER_ERRORS, ImageUrlError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
@@ -374,7 +380,8 @@ class ChatApp:
         shown_user = history_before + display_user_message(message, conv.count_images(history_before) + 1)
         update = None
         try:
-            params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
+            with self.engine.counting_refusals("ui"):
+                params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
             for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
                 chat = shown_user + [{"role": "assistant", "content": update.reply or waiting_note(update.stats)}]
                 meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
@@ -784,12 +791,13 @@ def image_urls(settings: Settings) -> ImageUrls:
 
 def launch_kwargs(settings: Settings, engine: Engine) -> dict[str, Any]:
     """Arguments for demo.launch(): bind address, share, auth, upload cap, allowed files, theme, threads,
-    and the OpenAI-compatible /v1 routes over the same engine on the same server."""
+    and the OpenAI-compatible /v1 routes, /metrics and /health over the same engine on the same server."""
     api = openai_api.Api(engine, settings, image_urls(settings))
     return {
         # A reply waiting in line or streaming holds one of gradio's worker threads; leave room for the rest.
         "max_threads": engine.batch + settings.queue_size + 16,
-        "app_kwargs": {"routes": openai_api.router(api).routes},  # before gradio's own routes
+        # Before gradio's own routes: /v1, and /metrics and /health for operators.
+        "app_kwargs": {"routes": openai_api.router(api).routes + ops.router(engine, settings).routes},
         "mcp_server": settings.mcp,
         "server_name": settings.server_name,
         "server_port": settings.port,

@@ -4,6 +4,7 @@ import asyncio
 import base64
 from pathlib import Path
 
+import httpx
 import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
@@ -30,8 +31,12 @@ async def _list_and_call(url: str):
 
 def test_an_mcp_client_lists_the_chat_tool_and_calls_it_with_an_image(handle):
     settings = parse_settings(["--model", "tiny", "--mcp"], environ={})
-    with serve(settings, handle) as (_, url):
+    with serve(settings, handle) as served:
+        url = served[1]
         tool, result = asyncio.run(_list_and_call(url + "gradio_api/mcp/"))
+        metrics = httpx.get(url + "metrics").text  # the reply is counted as MCP's, not /chat's
+    assert 'dsvl_requests_finished_total{reason="stop",surface="mcp"} 1.0' in metrics
+    assert 'dsvl_requests_finished_total{reason="stop",surface="chat"} 0.0' in metrics
     assert "image" in tool.description and "data: URL" in tool.description
     assert "files" in str(tool.inputSchema["properties"]["message"])
     assert not result.isError, result

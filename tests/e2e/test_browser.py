@@ -4,6 +4,7 @@ import re
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -54,8 +55,20 @@ def test_two_images_streamed_reply_and_inspector(random_chat):
     assert "2 image(s) × 576" in meters and "Time to first token" in meters and "length" in meters
 
 
-def test_the_bundled_checkpoint_answers_what_it_sees(chat):
+def _finished_by_surface(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "metrics").text):
+        for sample in family.samples:
+            if sample.name == "dsvl_requests_finished_total":
+                counts[sample.labels["surface"]] = counts.get(sample.labels["surface"], 0) + sample.value
+    return counts
+
+
+def test_the_bundled_checkpoint_answers_what_it_sees(chat, app_server):
     """Greedy (the default): the trained tiny checkpoint names the colour and the shape, and stops by itself."""
+    before = _finished_by_surface(app_server[1])
     banner = chat.page.locator("#model-banner").inner_text()
     assert "bundled tiny demo checkpoint" in banner and "not DeepSeek-VL" in banner
     chat.send("What colour is the shape?", str(EXAMPLES / "red_circle.png"))
@@ -63,6 +76,9 @@ def test_the_bundled_checkpoint_answers_what_it_sees(chat):
     assert "eos" in chat.meters()  # it ended its sentence by itself
     chat.send("What shape is it?")  # a follow-up about the same image
     assert chat.wait_reply_done().strip() == "It is a circle."
+    after = _finished_by_surface(app_server[1])  # the browser's replies are counted as the UI's
+    assert after["ui"] - before["ui"] >= 2
+    assert all(after[s] == before[s] for s in ("chat", "v1", "mcp")), (before, after)
     SCREENSHOT.parent.mkdir(exist_ok=True)
     chat.page.screenshot(path=str(SCREENSHOT), full_page=True)
 

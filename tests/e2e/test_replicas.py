@@ -127,6 +127,50 @@ def test_both_replicas_serve_and_answer_as_the_in_process_engine(cluster, local)
         assert text == answer(local, turns)[0] and stats.new_tokens == 24
 
 
+def _scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(url + "metrics", timeout=30)
+    assert response.status_code == 200, response.text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def _total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_the_front_door_shows_every_replicas_metrics_and_counts_them_healthy(cluster):
+    """After the test above, both replicas answered: /metrics has each one's samples (label `replica`), a /v1 reply's
+    usage shows up in them, the front door's own refusals are labelled `front`, /health counts 2 of 2."""
+    engine, url = cluster
+    health = httpx.get(url + "health", timeout=10)
+    assert health.status_code == 200 and health.json()["replicas"] == {"healthy": 2, "total": 2}, health.text
+
+    def both_answered() -> bool:  # each answered above (a replica reports every REPORT_S)
+        samples = _scrape(url)
+        names = {dict(ls).get("replica") for (n, ls) in samples if n == "dsvl_requests_finished_total"}
+        return len(names - {"front"}) == 2 and "front" in names and all(
+            _total(samples, "dsvl_requests_finished_total", replica=name) >= 1 for name in names - {"front"})
+    assert wait_until(both_answered, 15, 0.5), _scrape(url)
+    before = _scrape(url)
+    client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model="ckpt", max_tokens=7, messages=[{"role": "user", "content": "Hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="ckpt", max_tokens=7, temperature=9,
+                                       messages=[{"role": "user", "content": "Hi"}])
+
+    def counted() -> bool:  # (a replica reports every REPORT_S)
+        now = _scrape(url)
+        return _total(now, "dsvl_generation_tokens_total", surface="v1") - _total(
+            before, "dsvl_generation_tokens_total", surface="v1") == reply.usage.completion_tokens
+    assert wait_until(counted, 15, 0.5)
+    after = _scrape(url)
+    assert _total(after, "dsvl_prompt_tokens_total", surface="v1") - _total(
+        before, "dsvl_prompt_tokens_total", surface="v1") == reply.usage.prompt_tokens
+    assert _total(after, "dsvl_requests_refused_total", replica="front", reason="bad_parameter", surface="v1") == 1
+
+
 def test_a_conversation_stays_on_its_replica_and_reuses_its_earlier_turns(cluster, caplog):
     """Two conversations through /v1 at once, 3 turns each: every turn on its first turn's replica, turns 2 and 3
     with their earlier turns' keys/values reused (the access log says both)."""
@@ -215,8 +259,9 @@ def test_a_killed_replica_ends_its_reply_with_a_specific_error_and_the_next_is_a
     assert text == answer(local, turns)[0]
     body = {"model": "ckpt", "max_tokens": 8, "messages": [{"role": "user", "content": "Hello?"}]}
     assert httpx.post(url + "v1/chat/completions", json=body, timeout=60).status_code == 200
-    # Serve replaces the dead replica.
+    # Serve replaces the dead replica; /health counts the new one once it reports.
     assert wait_until(lambda: _running_replicas() == 2, 90, 1), _running_replicas()
+    assert wait_until(lambda: httpx.get(url + "health", timeout=10).json()["replicas"]["healthy"] == 2, 30, 1)
 
 
 @pytest.mark.browser
