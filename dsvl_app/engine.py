@@ -27,6 +27,7 @@ import torch
 
 from . import conversation as conv
 from . import reuse
+from .grammar import Grammars
 from .media import load_image
 from .metrics import EngineMetrics, refusal_reason
 from .model import ModelHandle
@@ -75,6 +76,8 @@ class Engine:
         # What a request that leaves sampling unset gets (the checkpoint's generation config), and the token ids.
         self.sampling_defaults = checkpoint_defaults(handle.model.generation_config)
         self.vocab_size = int(handle.model.config.get_text_config().vocab_size)
+        self._grammars: Grammars | None = None  # made when the first structured answer is asked for
+        self._grammar_lock = threading.Lock()
 
     def describe(self) -> str:
         """One line for the banner: how many replies run at once and how they are decoded."""
@@ -102,8 +105,17 @@ class Engine:
         handle = self.handle
         request = Request(handle.model, handle.processor.tokenizer, prepared.inputs, prepared.keys, prepared.spans,
                           params, tuple(stop), record_logits, surface)
+        if params.answer is not None:  # compiled here, in the caller's thread (cached): never on the engine's
+            request.sampler.matcher = self.grammars().matcher(params.answer)
         self.scheduler.add(request)
         return Reply(self, request, prepared.prompt, prepared.inputs)
+
+    def grammars(self) -> Grammars:
+        """The model's grammar compiler for structured answers (made once)."""
+        with self._grammar_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.handle.processor.tokenizer, self.vocab_size)
+            return self._grammars
 
     @property
     def metrics(self) -> EngineMetrics:

@@ -30,9 +30,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from . import conversation as conv
 from .access import Denied, check_key
 from .engine import Engine, EngineBusy, GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, ReplyStream
+from .grammar import SchemaError
 from .image_urls import ImageUrlError, ImageUrls
 from .media import ImageRejected, load_image
 from .model import ModelHandle
+from .openai_structured import FieldError, ForcedTool, answer_format, call, forced_tool
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,7 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     model: str = ""
     ignored: tuple[str, ...] = ()  # fields accepted without effect (reported to the client and in the log)
+    tool: ForcedTool | None = None  # a forced tool_choice: the reply is answered as this call
 
 
 def _text_parts(content: Any, where: str, images: bool) -> list[str | dict]:
@@ -182,19 +185,11 @@ def _refuse_unhonourable(body: Mapping) -> None:
     if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
         name = "logprobs" if body.get("logprobs") not in (None, False) else "top_logprobs"
         raise _invalid(f"'{name}' is not supported: log-probabilities are not returned", name, "unsupported_value")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise _invalid("Only response_format {'type': 'text'} is supported: DeepSeek-VL cannot be held to JSON or a "
-                       "schema", "response_format", "unsupported_value")
-    choice = body.get("tool_choice")
-    if choice not in (None, "auto", "none"):
-        raise _invalid(f"tool_choice {choice!r} asks for a tool call, and DeepSeek-VL cannot call tools (it has no "
-                       "tool-calling format): send tool_choice 'auto' or 'none', or no tools", "tool_choice",
-                       "unsupported_value")
     call = body.get("function_call")
     if call not in (None, "auto", "none"):
-        raise _invalid(f"function_call {call!r} asks for a function call, and DeepSeek-VL cannot call functions: send "
-                       "'auto' or 'none', or no functions", "function_call", "unsupported_value")
+        raise _invalid(f"function_call {call!r} (the deprecated 'functions' API) is not supported: send 'tools' and "
+                       "tool_choice {'type': 'function', 'function': {'name': ...}} instead", "function_call",
+                       "unsupported_value")
     for name in ("tools", "functions"):
         if body.get(name) is not None and not isinstance(body[name], list):
             raise _invalid(f"'{name}' must be a list", name)
@@ -236,6 +231,16 @@ def parse_request(body: Any, model_id: str, max_new_tokens_cap: int, defaults: M
     ignored = sorted(name for name in body if name not in USED_FIELDS and body[name] is not None)
     ignored = [name for name in ignored if name not in ("frequency_penalty", "presence_penalty") or body[name] != 0]
     _refuse_unhonourable(body)
+    try:
+        answer, tool = answer_format(body.get("response_format")), forced_tool(body)
+    except FieldError as exc:
+        raise _invalid(str(exc), exc.param, exc.code) from None
+    if answer is not None and tool is not None:
+        raise _invalid("Send either a response_format or a forced tool_choice: a reply is held to one of them",
+                       "response_format")
+    if tool is not None:
+        answer = tool.answer
+        ignored = [name for name in ignored if name != "tools"]
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _invalid("'model' is required: GET /v1/models lists it", "model")
@@ -266,15 +271,22 @@ def parse_request(body: Any, model_id: str, max_new_tokens_cap: int, defaults: M
         repetition_penalty=_number(body, "repetition_penalty", float, 0.5, 2, 1.0),
         seed=_number(body, "seed", int, 0, 2**63 - 1, None),
         token_bias=_logit_bias(body.get("logit_bias"), vocab_size),
+        answer=answer,
     )
     return ChatRequest(parse_messages(body.get("messages")), params, stream,
-                       bool((options or {}).get("include_usage")), stops, model, tuple(ignored))
+                       bool((options or {}).get("include_usage")), stops, model, tuple(ignored), tool)
 
 
-def completion_body(request_id: str, created: int, model: str, text: str, finish: str, usage: dict) -> dict:
+def completion_body(request_id: str, created: int, model: str, text: str, finish: str, usage: dict,
+                    tool_calls: list[dict] | None = None) -> dict:
+    """A chat.completion; with `tool_calls` the message is the calls (no content) and the finish 'tool_calls'
+    (unless max_tokens cut it: 'length')."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls is not None:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
+        finish = "length" if finish == "length" else "tool_calls"
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage}
 
 
@@ -386,6 +398,8 @@ class Api:
             return ApiError(503, str(exc), "server_error", code="out_of_memory")
         if isinstance(exc, GenerationTimeout):
             return ApiError(503, str(exc), "server_error", code="timeout")
+        if isinstance(exc, SchemaError):  # a schema the grammar compiler found contradictory
+            return ApiError(400, str(exc), param="response_format", code="unsupported_schema")
         if isinstance(exc, GenerationError):
             return ApiError(500, str(exc), "server_error")
         log.exception("unexpected /v1 failure", exc_info=exc)
@@ -413,29 +427,53 @@ class Api:
                 pass
         except Exception as exc:  # noqa: BLE001 - answered in OpenAI's shape
             return self.failure(exc).response()
+        calls = chat.tool.calls(reply.text) if chat.tool is not None else None
         return JSONResponse(completion_body(request_id, created, chat.model, reply.text, reply.finish_reason(),
-                                            reply.usage()), headers=headers)
+                                            reply.usage(), calls), headers=headers)
 
     async def _events(self, reply: _Reply, chat: ChatRequest, request_id: str, created: int,
                       access: Access) -> AsyncIterator[str]:
         status = 200
         try:
             yield sse(chunk_body(request_id, created, chat.model, {"role": "assistant", "content": ""}))
+            finish = None
             try:
-                async for text in reply.pieces():
-                    yield sse(chunk_body(request_id, created, chat.model, {"content": text}))
+                async for delta in self._deltas(reply, chat.tool):
+                    yield sse(chunk_body(request_id, created, chat.model, delta))
+                finish = reply.finish_reason()
+                if chat.tool is not None and finish != "length":
+                    finish = "tool_calls"
             except Exception as exc:  # noqa: BLE001 - the status line is sent: report it as an error event
                 error = self.failure(exc)
                 status, access.refusal = error.status, (error.param, error.message)
                 yield sse(error.body())
                 yield sse("[DONE]")
                 return
-            yield sse(chunk_body(request_id, created, chat.model, {}, reply.finish_reason()))
+            yield sse(chunk_body(request_id, created, chat.model, {}, finish))
             if chat.include_usage:
                 yield sse(chunk_body(request_id, created, chat.model, {}, usage=reply.usage(), choices=False))
             yield sse("[DONE]")
         finally:
             access.done(status)
+
+    @staticmethod
+    async def _deltas(reply: _Reply, tool: ForcedTool | None) -> AsyncIterator[dict]:
+        """The stream's deltas: text; or one tool call, its arguments streamed as they are written (several tools:
+        the call at the end, once the reply has named its function)."""
+        if tool is None:
+            async for text in reply.pieces():
+                yield {"content": text}
+            return
+        if tool.single:
+            first = call(tool.names[0], "")
+            yield {"tool_calls": [{"index": 0, **first}]}
+            async for text in reply.pieces():
+                yield {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+            return
+        async for _ in reply.pieces():
+            pass
+        calls = tool.calls(reply.text)
+        yield {"tool_calls": [{"index": 0, **calls[0]}]} if calls else {"content": reply.text}
 
     def models(self, request: Request) -> dict:
         self.authorize(request)

@@ -45,6 +45,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from . import conversation as conv
 from . import reuse
 from .engine import END, POLL_S, Engine, Prepared, ReplyStream, default_batch, prepare
+from .grammar import SchemaError
 from .media import load_image
 from .metrics import EngineMetrics, merge, refusal_reason
 from .model import ModelHandle, ModelLoadError, get_model, resolve_device, resolve_model_id, resolve_source
@@ -63,7 +64,7 @@ SEND_EVERY_S = 0.02  # a replica sends a reply's new text at most this often (to
 FIRST_EVENT_S = 60.0  # a replica acknowledges a request at once; longer means no replica could take it
 REPLICA_DIED = ("The engine replica writing this reply stopped (its process ended), so the reply is cut here. Your "
                 "conversation is kept: send the message again and a healthy replica answers.")
-ERRORS = {cls.__name__: cls for cls in (GenerationError, GenerationTimeout, OutOfMemory, EngineBusy)}
+ERRORS = {cls.__name__: cls for cls in (GenerationError, GenerationTimeout, OutOfMemory, EngineBusy, SchemaError)}
 ERRORS["BackPressure"] = EngineBusy  # Serve's own line (in this process) was full
 HUB_NAME = "dsvl-metrics-hub"
 REPORT_S = 2.0  # how often a replica sends its metrics and health to the hub

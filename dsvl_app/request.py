@@ -209,6 +209,11 @@ class Request:
         stats.total_s = now - self.submitted_at
         if piece := self.output.put(token):
             self._put(piece)
+        if (matcher := self.sampler.matcher) is not None:
+            if not matcher.accept_token(token):
+                raise GenerationError("The structured answer's grammar refused a token it had allowed")
+            if matcher.is_terminated():
+                return "stop"  # its JSON is complete
         if self.output.stopped:
             return "stop"
         if token == self.eos_token_id:

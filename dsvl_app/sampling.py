@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -29,6 +29,9 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+if TYPE_CHECKING:
+    from .grammar import AnswerFormat
 
 
 class GenerationError(RuntimeError):
@@ -47,6 +50,7 @@ class GenerationParams:
     top_k: int | None = None  # when sampling; None: the checkpoint's (transformers' 50), 0: off
     min_p: float | None = None  # when sampling; None: off
     token_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
+    answer: AnswerFormat | None = None  # held to JSON or a schema (grammar.py); None: free text
 
     def validate(self, max_new_tokens_cap: int, vocab_size: int | None = None) -> GenerationParams:
         """Refuse out-of-range values with a message naming the parameter."""
@@ -183,6 +187,7 @@ class Sampler:
             else:
                 self.generator.manual_seed(int(params.seed))
         self.spec = row_spec(self.processors, sample=not params.greedy)
+        self.matcher: Any = None  # its grammar's state when held to JSON (grammar.py): masks its logits each step
 
     def own(self, history: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
         """This row alone ([1] on the device): its processors on float32 logits `raw` ([1, V]), then argmax or a
@@ -200,6 +205,10 @@ def sample_rows(samplers: Sequence[Sampler], histories: Sequence[torch.Tensor],
 
     `histories[i]` ([1, T_i]) is row i's prompt and reply so far (for its repetition penalty)."""
     raw = logits.to(copy=True, dtype=torch.float32)
+    if any(sampler.matcher is not None for sampler in samplers):
+        from .grammar import mask_rows
+
+        mask_rows([sampler.matcher for sampler in samplers], raw)  # before any processor, as vLLM does
     specs = [sampler.spec for sampler in samplers]
     batched = [i for i, spec in enumerate(specs) if spec is not None]
     if len(batched) == len(samplers):

@@ -8,6 +8,7 @@ the only process-wide state is the model handle.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -21,6 +22,7 @@ import gradio as gr
 from . import conversation as conv
 from . import openai_api, ops, saved
 from .engine import Engine, GenerationError, GenerationParams, GenerationStats
+from .grammar import answer_for, pretty
 from .image_urls import ImageUrlError, ImageUrls, is_image_url
 from .media import ImageRejected, check_location, load_image
 from .model import ModelHandle, get_model
@@ -67,6 +69,10 @@ OTHER_EVENTS_AT_ONCE = 4  # queued events other than replies (imports, page load
 # New ones go last: /chat takes them positionally, and older clients leave them out.
 CONTROL_KEYS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed", "top_k", "min_p")
 TOP_K_MAX = 500  # the slider's end (the API takes the same range)
+SCHEMA_EXAMPLE = json.dumps({"type": "object", "properties": {
+    "colour": {"type": "string", "enum": ["red", "green", "blue", "yellow", "other"]},
+    "shape": {"type": "string", "enum": ["circle", "square", "triangle", "other"]}},
+    "required": ["colour", "shape"]}, indent=2)
 
 
 def _on_gpu(fn):
@@ -261,7 +267,9 @@ class ChatApp:
         return load_image(path, limits)
 
     def params(self, max_new_tokens: Any, temperature: Any, top_p: Any, repetition_penalty: Any, seed: Any,
-               top_k: Any = None, min_p: Any = None) -> GenerationParams:
+               top_k: Any = None, min_p: Any = None, answer_format: Any = "text",
+               json_schema: Any = None) -> GenerationParams:
+        answer = answer_for(answer_format, json_schema)  # (raises SchemaError naming what cannot be enforced)
         try:
             params = GenerationParams(
                 max_new_tokens=int(max_new_tokens),
@@ -271,6 +279,7 @@ class ChatApp:
                 seed=None if seed in (None, "") else int(seed),
                 top_k=None if top_k in (None, "") else int(top_k),
                 min_p=None if min_p in (None, "") else float(min_p),
+                answer=answer,
             )
         except (TypeError, ValueError) as exc:
             raise GenerationError(f"Invalid generation parameter: {exc}") from None
@@ -319,7 +328,8 @@ class ChatApp:
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
              repetition_penalty: float, seed: float | None, top_k: float | None = None,
-             min_p: float | None = None, request: gr.Request = None) -> Iterator[str]:
+             min_p: float | None = None, answer_format: str = "text", json_schema: str = "",
+             request: gr.Request = None) -> Iterator[str]:
         """Ask DeepSeek-VL about one or more images (stateless: send the earlier turns in `history`).
 
         Images go in `message["files"]`, in the order the question refers to them (first, second, ...):
@@ -337,6 +347,8 @@ class ChatApp:
             seed: makes sampling repeatable (any non-negative integer).
             top_k: sample among the k most likely tokens, 0 (off) to 500 (only used when temperature > 0).
             min_p: drop tokens less likely than min_p times the most likely one, 0 (off) to 1 (only when temperature > 0).
+            answer_format: "text" (default); "json" for a JSON object; "json_schema" for JSON matching json_schema (the reply is held to it token by token).
+            json_schema: the JSON schema (as JSON text) when answer_format is "json_schema", e.g. {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}.
 
         Returns:
             The assistant's reply.
@@ -345,7 +357,8 @@ class ChatApp:
         surface = "mcp" if request is not None and request.headers.get("x-gradio-user") == "mcp" else "chat"
         try:
             with self.engine.counting_refusals(surface):  # refusals before the engine (it counts its own)
-                params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
+                params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p,
+                                     answer_format, json_schema)
                 message = self._resolve_urls(message)
             for update in self.stream(message, history or [], params, with_views=False, surface=surface):
                 yield update.reply  # while it waits in line, the same (empty) reply now and then
@@ -372,7 +385,7 @@ class ChatApp:
         return shown, gr.MultimodalTextbox(value=None, interactive=False), message, history
 
     def respond(self, message: dict | None, history_before: list, max_new_tokens, temperature, top_p,
-                repetition_penalty, seed, top_k, min_p) -> Iterator[tuple]:
+                repetition_penalty, seed, top_k, min_p, answer_format="Text", json_schema="") -> Iterator[tuple]:
         """Stream the assistant's reply into the chat and the side panel; roll back on refusal."""
         if message is None:  # add_user_message refused it
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(interactive=True), gr.skip()
@@ -381,7 +394,8 @@ class ChatApp:
         update = None
         try:
             with self.engine.counting_refusals("ui"):
-                params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p)
+                params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p,
+                                     answer_format, json_schema)
             for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
                 chat = shown_user + [{"role": "assistant", "content": update.reply or waiting_note(update.stats)}]
                 meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
@@ -393,6 +407,10 @@ class ChatApp:
                         gr.Info(" ".join(update.prompt.notes))
                 else:
                     yield chat, gr.skip(), gr.skip(), meters, gr.skip(), state
+            if params.answer is not None and update is not None and (formatted := pretty(update.reply)):
+                # A complete JSON answer, shown indented (a cut one stays as written).
+                chat = shown_user + [{"role": "assistant", "content": f"```json\n{formatted}\n```"}]
+                yield chat, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         except USER_ERRORS as exc:
             gr.Warning(str(exc))
             if update is not None and update.reply:
@@ -630,6 +648,11 @@ class ChatApp:
             top_k = min(self.engine.sampling_defaults["top_k"], TOP_K_MAX)
             self.top_k = gr.Slider(0, TOP_K_MAX, value=top_k, step=1, label="Top-k (0 = off)", elem_id="top-k")
             self.min_p = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Min-p (0 = off)", elem_id="min-p")
+            # Structured answers: the reply held to JSON (or a schema) token by token, shown indented.
+            self.answer_format = gr.Radio(["Text", "JSON", "JSON schema"], value="Text", label="Answer format",
+                                          elem_id="answer-format")
+            self.json_schema = gr.Code(language="json", label="JSON schema", elem_id="json-schema", visible=False,
+                                       interactive=True, value=SCHEMA_EXAMPLE)
         self.meters = gr.Markdown(meters_markdown(None, None), elem_id="meters")
         with gr.Accordion("Inspector: what the model sees", open=True):
             self.inspector_low = gr.Gallery(label="Low-res view, 384×384 (SigLIP)", elem_id="inspector-lowres",
@@ -644,6 +667,8 @@ class ChatApp:
         with gr.Group(visible=False):
             self.api_message = _json_input({"text": "", "files": []}, "message", MESSAGE_SCHEMA)
             self.api_history = _json_input([], "history", HISTORY_SCHEMA)
+            self.api_answer_format = gr.Textbox(value="text", label="answer_format")
+            self.api_json_schema = gr.Textbox(value="", label="json_schema")
             self.api_reply = gr.Textbox(label="reply")
             self.api_button = gr.Button("chat")
 
@@ -651,9 +676,10 @@ class ChatApp:
         controls = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty, self.seed, self.top_k,
                     self.min_p]
         private: dict[str, Any] = {"api_visibility": "private"}
+        answer = [self.answer_format, self.json_schema]  # per reply, not saved with the conversation
         respond = {
             "fn": self.respond,
-            "inputs": [self.pending, self.history_before, *controls],
+            "inputs": [self.pending, self.history_before, *controls, *answer],
             "outputs": [self.chatbot, self.inspector_low, self.inspector_high, self.meters, self.chat_input,
                         self.last_meters],
             # UI and /chat share one limit, high enough that every reply reaches the engine, whose one line
@@ -725,12 +751,15 @@ class ChatApp:
         if self.settings.feedback_file:  # like/dislike buttons appear only with a listener
             self.chatbot.like(self.feedback, [self.chatbot], None, queue=False, **private)
 
+        self.answer_format.change(lambda choice: gr.Code(visible=choice == "JSON schema"), [self.answer_format],
+                                  [self.json_schema], queue=False, **private)
+
         # A reload (or a restart) brings back the conversation that was open, with its images.
         demo.load(self.restore, [self.saved], [self.chatbot, self.saved, self.chat_list, self.export_btn], **private)
 
         self.api_button.click(
             self.chat,
-            [self.api_message, self.api_history, *controls],
+            [self.api_message, self.api_history, *controls, self.api_answer_format, self.api_json_schema],
             [self.api_reply],
             api_name="chat",  # its docstring describes it on the API page and to MCP clients
             concurrency_id="generate",

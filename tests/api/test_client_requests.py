@@ -92,10 +92,10 @@ def test_langchains_image_first_request_gets_the_demo_answer(keyed):
         assert post(keyed, load(name))[1] == "The shape is red."
 
 
-def test_a_forced_tool_call_is_refused_and_n_2_still_is(keyed):
+def test_a_forced_tool_call_without_tools_is_refused_and_n_2_still_is(keyed):
     body = load("open-webui/text")
-    response, _, _ = post(keyed, {**body, "stream": False, "tool_choice": "required"})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
-    assert "cannot call tools" in response.json()["error"]["message"]
+    response, _, _ = post(keyed, {**body, "stream": False, "tool_choice": "required", "tools": None})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
+    assert "needs 'tools'" in response.json()["error"]["message"]
     response, _, _ = post(keyed, {**body, "stream": False, "n": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"

@@ -130,9 +130,10 @@ def test_seed_makes_sampling_reproducible(open_random):
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"just text").decode()}},
         {"type": "text", "text": "What is it?"}]}]), r"Image 1 \(message 1\) is a text file, not an image"),
     ("n=2", dict(messages=[{"role": "user", "content": "Hi"}], n=2), "'n' = 2 is not supported"),
-    ("a forced tool call", dict(messages=[{"role": "user", "content": "Hi"}], tool_choice="required",
-                                tools=[{"type": "function", "function": {"name": "now", "parameters": {}}}]),
-     "DeepSeek-VL cannot call tools"),
+    ("a schema feature no grammar enforces", dict(messages=[{"role": "user", "content": "Hi"}], response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}}),
+     r"cannot be enforced while generating: 'uniqueItems' at #/properties/tags"),
     ("over-long prompt", dict(messages=[{"role": "user", "content": "What colour is the shape? " * 800}]),
      "Too many tokens"),
     ("remote URL", dict(messages=[{"role": "user", "content": [

@@ -247,3 +247,23 @@ def test_thumbnails_stop_only_while_replying_and_the_api_footer(random_chat):
     thumbnail.click()  # enlarges it
     page.wait_for_function("() => document.fullscreenElement && document.fullscreenElement.querySelector('img')")
     assert page.evaluate("() => document.fullscreenElement.querySelector('img').getBoundingClientRect().height") > 300
+
+
+def test_a_json_schema_answer_is_held_to_the_schema_and_shown_formatted(chat):
+    """Answer format → JSON schema: the schema box appears (an example in it); the reply is JSON matching it, shown
+    indented in a code block; back to Text, the next answer is prose again."""
+    import json
+
+    page = chat.page
+    assert not page.locator("#json-schema").is_visible()
+    page.locator("#answer-format label", has_text="JSON schema").click()
+    assert wait_until(lambda: page.locator("#json-schema").is_visible(), 10)
+    chat.send("What colour is the shape?", str(EXAMPLES / "red_circle.png"))
+    chat.wait_reply_done()
+    block = page.locator('#chatbot [data-testid="bot"] pre code').last
+    assert wait_until(lambda: block.count() and "\n" in block.inner_text(), 10)
+    answer = json.loads(block.inner_text())
+    assert set(answer) == {"colour", "shape"} and answer["shape"] in ("circle", "square", "triangle", "other")
+    page.locator("#answer-format label", has_text="Text").first.click()
+    chat.send("What colour is the shape?", str(EXAMPLES / "blue_square.png"))
+    assert chat.wait_reply_done().strip().startswith("The shape is")  # prose again
