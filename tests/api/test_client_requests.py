@@ -99,3 +99,15 @@ def test_a_forced_tool_call_without_tools_is_refused_and_n_2_still_is(keyed):
     assert "needs 'tools'" in response.json()["error"]["message"]
     response, _, _ = post(keyed, {**body, "stream": False, "n": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+def test_langchains_structured_output_request_gets_json_matching_its_schema(keyed):
+    """The body langchain-openai 1.8.1 sends for `with_structured_output(Shape, method="json_schema")` (captured; run
+    against this server it returned Shape(colour='green', shape='square'): the tiny's values, the schema's form)."""
+    body = load("langchain/structured-json-schema")
+    response, text, finish = post(keyed, body)
+    assert response.status_code == 200 and finish == "stop"
+    answer = json.loads(text)
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert set(answer) == set(schema["required"])
+    assert all(answer[name] in schema["properties"][name]["enum"] for name in answer)
