@@ -77,6 +77,13 @@ class ImageUrls:
         with ThreadPoolExecutor(1) as pool:  # this thread already runs a loop: use another one
             return pool.submit(asyncio.run, self.resolve(url, label, server_netloc)).result()
 
+    def decode(self, url: str, label: str) -> bytes:
+        """The bytes of a base64 data: URL (a PDF's, say), under the upload cap."""
+        return self._decode(url, label)
+
+    def prune(self) -> None:
+        self._prune()
+
     def _decode(self, url: str, label: str) -> bytes:
         header, sep, payload = url.partition(",")
         if not sep or not header.endswith(";base64"):
@@ -101,6 +108,7 @@ class ImageUrls:
         return str(path)
 
     def _prune(self) -> None:
-        files = sorted(self.folder.glob("*.img"), key=lambda p: p.stat().st_mtime)
+        """Keep the newest `max_files` (decoded images, and PDF pages rendered here: documents.py)."""
+        files = sorted([*self.folder.glob("*.img"), *self.folder.glob("*.png")], key=lambda p: p.stat().st_mtime)
         for old in files[: max(0, len(files) - self.max_files)]:
             old.unlink(missing_ok=True)

@@ -36,7 +36,8 @@ PREFIX = "dsvl"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SURFACES = ("ui", "chat", "v1", "mcp", "other")  # where a request came from: the browser, /chat, /v1, MCP, in-process
 FINISH_REASONS = ("stop", "length", "stopped", "timeout", "error", "out_of_memory")
-REFUSAL_REASONS = ("bad_image", "too_many_images", "too_many_tokens", "busy", "bad_parameter", "bad_request")
+REFUSAL_REASONS = ("bad_image", "bad_document", "too_many_images", "too_many_tokens", "busy", "bad_parameter",
+                   "bad_request")
 # Durations from a GPU's tens of milliseconds to a CPU's minutes (an image prompt on the 7B's CPU path).
 SECONDS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 # Between two tokens: a GPU's few milliseconds to a CPU's seconds while a newcomer's prompt is read.

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from . import conversation as conv
 from .access import Denied, check_key
+from .documents import Document, DocumentRejected, open_pdf
 from .engine import Engine, EngineBusy, GenerationError, GenerationParams, GenerationTimeout, OutOfMemory, ReplyStream
 from .grammar import SchemaError
 from .image_urls import ImageUrlError, ImageUrls
@@ -68,6 +69,8 @@ class ApiError(Exception):
         """The metrics' word for this refusal."""
         if self.code == "invalid_image":
             return "bad_image"
+        if self.code == "invalid_file":
+            return "bad_document"
         if self.code == "context_length_exceeded":
             return "too_many_tokens"
         if self.param and self.param not in ("messages", "model") and not self.param.startswith("messages"):
@@ -93,11 +96,21 @@ class ImageUrl:
     label: str  # "image 1 of message 2", for messages about it
 
 
+@dataclass(frozen=True)
+class FileData:
+    """A `file` part (a PDF as a data: URL) before it is decoded: its name, the pages asked for, its place."""
+
+    data_url: str
+    filename: str
+    pages: str | None
+    label: str
+
+
 @dataclass
 class ChatRequest:
     """A validated chat completion request."""
 
-    messages: list[tuple[str, list[str | ImageUrl]]]  # (role, parts in order)
+    messages: list[tuple[str, list[str | ImageUrl | FileData]]]  # (role, parts in order)
     params: GenerationParams
     stream: bool = False
     include_usage: bool = False
@@ -128,13 +141,36 @@ def _text_parts(content: Any, where: str, images: bool) -> list[str | dict]:
             parts.append({"url": url})
         elif kind == "image_url":
             raise _invalid(f"{where}: only user messages can hold images", f"{where}.content[{n}]")
+        elif kind == "file" and images:
+            parts.append({"file": _file_part(part.get("file"), f"{where}.content[{n}]")})
+        elif kind == "file":
+            raise _invalid(f"{where}: only user messages can hold files", f"{where}.content[{n}]")
         else:
             raise _invalid(f"{where}.content[{n}]: content parts of type {kind!r} are not supported "
-                           "(supported: 'text', and 'image_url' in user messages)", f"{where}.content[{n}]")
+                           "(supported: 'text', and 'image_url' and 'file' (PDF) in user messages)",
+                           f"{where}.content[{n}]")
     return parts
 
 
-def parse_messages(messages: Any) -> list[tuple[str, list[str | ImageUrl]]]:
+def _file_part(value: Any, where: str) -> dict:
+    """A `file` content part's object: {"file_data": "data:application/pdf;base64,…", "filename", "pages"?}."""
+    if not isinstance(value, Mapping):
+        raise _invalid(f"{where}.file must be an object with 'file_data' and 'filename'", where)
+    if value.get("file_id") is not None and value.get("file_data") is None:
+        raise _invalid(f"{where}: 'file_id' refers to OpenAI's Files API, which this server does not have: send the "
+                       "PDF itself as 'file_data' (a data:application/pdf;base64,… URL) with a 'filename'", where,
+                       "unsupported_value")
+    data = value.get("file_data")
+    if not isinstance(data, str) or not data.startswith("data:"):
+        raise _invalid(f"{where}.file.file_data must be a data: URL (data:application/pdf;base64,…)", where)
+    name = value.get("filename") or "document.pdf"
+    pages = value.get("pages")
+    if pages is not None and not isinstance(pages, (str, int)):
+        raise _invalid(f"{where}.file.pages must be a string of pages, e.g. \"1-3, 5\"", where)
+    return {"data": data, "filename": str(name)[:200], "pages": None if pages is None else str(pages)}
+
+
+def parse_messages(messages: Any) -> list[tuple[str, list[str | ImageUrl | FileData]]]:
     """OpenAI messages → (role, parts) in order; system/developer first, user last."""
     if not isinstance(messages, list) or not messages:
         raise _invalid("'messages' must be a non-empty list", "messages")
@@ -153,9 +189,13 @@ def parse_messages(messages: Any) -> list[tuple[str, list[str | ImageUrl]]]:
             raise _invalid(f"{where}.role must be 'system', 'user' or 'assistant', got {role!r}", f"{where}.role")
         if role == "system" and any(r != "system" for r, _ in out):
             raise _invalid(f"{where}: system messages must come before the conversation", where)
-        parts: list[str | ImageUrl] = []
+        parts: list[str | ImageUrl | FileData] = []
         for part in _text_parts(message.get("content"), where, images=role == "user"):
-            if isinstance(part, dict):
+            if isinstance(part, dict) and "file" in part:
+                file = part["file"]
+                parts.append(FileData(file["data"], file["filename"], file["pages"],
+                                      f"“{file['filename']}” (message {m + 1})"))
+            elif isinstance(part, dict):
                 image_no += 1
                 parts.append(ImageUrl(part["url"], f"Image {image_no} (message {m + 1})"))
             elif part.strip():
@@ -355,12 +395,24 @@ class Api:
                         f"{self.max_body_bytes / 2**20:.0f} MB limit for one request.", code="request_too_large")
 
     async def turns(self, chat: ChatRequest, request: Request) -> tuple[list[conv.Turn], dict[str, str]]:
-        """Turns for the engine, and each image file's label for error messages."""
-        turns, labels = [], {}
+        """Turns for the engine, and each image file's label for error messages (PDFs become page images and
+        text: documents.py; what each document became is in `labels["documents"]`)."""
+        turns, labels, documents = [], {}, []
+        limits = self.settings.limits
+        before = 0  # images of the earlier messages (pages included)
         for role, parts in chat.messages:
             resolved: list[conv.Part] = []
+            in_message = sum(isinstance(p, ImageUrl) for p in parts)  # then the pages added to it
             for part in parts:
-                if isinstance(part, ImageUrl):
+                if isinstance(part, FileData):
+                    # A document's default pages are those the image limits still leave room for.
+                    slots = min(limits.images_per_message - in_message,
+                                limits.images_per_conversation - before - in_message)
+                    document = await self._document(part, slots)
+                    in_message += len(document.images)
+                    documents.append(document.summary())
+                    resolved += document.parts()
+                elif isinstance(part, ImageUrl):
                     try:
                         path = await self.images.resolve(part.url, part.label, request.url.netloc)
                     except ImageUrlError as exc:
@@ -370,9 +422,23 @@ class Api:
                 else:
                     resolved.append(part)
             turns.append(conv.Turn(role, tuple(resolved)))
+            before += in_message
+        if documents:
+            labels["documents"] = " | ".join(documents)
         return turns, labels
 
     # -- the engine
+
+    async def _document(self, part: FileData, slots: int) -> Document:
+        """A `file` part's PDF, rendered and read (in a worker thread: PDFium takes one call at a time)."""
+        try:
+            data = self.images.decode(part.data_url, part.label)
+            document = await asyncio.to_thread(open_pdf, data, part.filename, self.images.folder,
+                                               self.settings.limits, slots, part.pages)
+        except (ImageUrlError, DocumentRejected) as exc:
+            raise _invalid(str(exc), "messages", "invalid_file") from None
+        self.images.prune()
+        return document
 
     def start(self, turns: list[conv.Turn], labels: dict[str, str], chat: ChatRequest) -> ReplyStream:
         try:
@@ -418,6 +484,9 @@ class Api:
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         # What was accepted without effect, for the client (and the log): nothing is dropped silently.
         headers = {"X-Ignored-Fields": ", ".join(chat.ignored)} if chat.ignored else {}
+        if "documents" in labels:  # which pages of each PDF the model saw as images, as text, or not at all
+            plain = labels["documents"].replace("“", '"').replace("”", '"')
+            headers["X-Document-Pages"] = plain.encode("ascii", "replace").decode()
         if chat.stream:
             access.deferred = True  # logged when the stream ends
             return StreamingResponse(self._events(reply, chat, request_id, created, access),

@@ -68,7 +68,7 @@ ERRORS = {cls.__name__: cls for cls in (GenerationError, GenerationTimeout, OutO
 ERRORS["BackPressure"] = EngineBusy  # Serve's own line (in this process) was full
 HUB_NAME = "dsvl-metrics-hub"
 REPORT_S = 2.0  # how often a replica sends its metrics and health to the hub
-REPORT_STALE_S = 7.0  # a replica silent this long is not healthy (dead, or wedged beyond sending)
+REPORT_STALE_S = 10.0  # a replica silent this long is not healthy (dead, or wedged beyond sending)
 
 
 # ---------------------------------------------------------------- what operators see
