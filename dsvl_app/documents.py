@@ -23,7 +23,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,68 @@ class Document:
         parts += [conv.ImageRef(path) for _, path in self.images]
         parts += [f"[Text of page {n} of “{self.name}”]\n{text}" for n, text in self.texts]
         return parts
+
+
+def is_pdf_file(path: str) -> bool:
+    """Whether the file at `path` is a PDF (by its first bytes: uploads and the store keep no reliable extension)."""
+    try:
+        with open(path, "rb") as handle:
+            return is_pdf(handle.read(1024))
+    except OSError:
+        return False
+
+
+def page_count(path: str) -> int | None:
+    """A PDF file's number of pages (None: unreadable), for its thumbnail."""
+    import pypdfium2 as pdfium
+
+    with _PDFIUM:
+        try:
+            document = pdfium.PdfDocument(path)
+        except pdfium.PdfiumError:
+            return None
+        try:
+            return len(document)
+        finally:
+            document.close()
+
+
+def expand_turns(turns: Sequence[conv.Turn], folder: Path, limits: Limits, pages: str | None = None,
+                 check: Callable[[str], None] | None = None) -> tuple[list[conv.Turn], list[Document]]:
+    """`turns` with each attached PDF (an ImageRef to a PDF file) replaced by its document's parts, in order, each
+    given the image room its message and the conversation still have; `pages` is the newest message's choice
+    (earlier ones get the default). `check(path)` vets a file's location before it is read (raises)."""
+    out: list[conv.Turn] = []
+    found: list[Document] = []
+    before = 0  # images of the earlier user messages (pages included)
+    last = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
+    for index, turn in enumerate(turns):
+        pdfs = [p for p in turn.parts if isinstance(p, conv.ImageRef) and is_pdf_file(p.path)]
+        in_message = sum(isinstance(p, conv.ImageRef) for p in turn.parts) - len(pdfs)
+        if not pdfs:
+            out.append(turn)
+            before += in_message
+            continue
+        parts: list[conv.Part] = []
+        for part in turn.parts:
+            if part not in pdfs:
+                parts.append(part)
+                continue
+            if check is not None:
+                check(part.path)
+            size = Path(part.path).stat().st_size
+            if size > limits.upload_bytes:
+                raise DocumentRejected(f"“{part.name}” is {size / 2**20:.1f} MB, over the "
+                                       f"{limits.upload_bytes / 2**20:.0f} MB upload limit")
+            slots = min(limits.images_per_message - in_message, limits.images_per_conversation - before - in_message)
+            document = open_pdf(Path(part.path).read_bytes(), part.name, folder, limits, slots,
+                                pages if index == last else None)
+            in_message += len(document.images)
+            found.append(document)
+            parts += document.parts()
+        out.append(conv.Turn(turn.role, tuple(parts)))
+        before += in_message
+    return out, found
 
 
 def parse_pages(spec: str | None, count: int) -> list[int] | None:
@@ -146,7 +208,8 @@ def _render(document, number: int, digest: str, folder: Path, limits: Limits, na
     """Page `number` as a PNG (content-addressed: the same document's page is written once)."""
     if time.monotonic() - began > RENDER_TIME_S:
         raise DocumentRejected(f"“{name}” took over {RENDER_TIME_S:.0f} s to render: choose fewer pages")
-    path = Path(folder) / f"{digest}-p{number}.png"
+    stem = re.sub(r"[^\w.-]+", "_", Path(name).stem)[:40] or "document"
+    path = Path(folder) / f"{digest}-{stem}-p{number}.png"  # (the inspector names a page by its file)
     if path.exists():
         return str(path)
     page = document[number - 1]

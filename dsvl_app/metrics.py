@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from .conversation import ContextOverflow, TooManyImages
+from .documents import DocumentRejected
 from .image_urls import ImageUrlError
 from .media import ImageRejected
 from .request import EngineBusy, OutOfMemory
@@ -230,6 +231,8 @@ def refusal_reason(exc: BaseException) -> str:
         return "busy"
     if isinstance(exc, (ImageRejected, ImageUrlError)):
         return "bad_image"
+    if isinstance(exc, DocumentRejected):
+        return "bad_document"
     if isinstance(exc, TooManyImages):
         return "too_many_images"
     if isinstance(exc, ContextOverflow):

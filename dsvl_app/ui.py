@@ -21,10 +21,11 @@ import gradio as gr
 
 from . import conversation as conv
 from . import openai_api, ops, saved
+from .documents import DocumentRejected, expand_turns, is_pdf_file, page_count
 from .engine import Engine, GenerationError, GenerationParams, GenerationStats
 from .grammar import answer_for, pretty
 from .image_urls import ImageUrlError, ImageUrls, is_image_url
-from .media import ImageRejected, check_location, load_image
+from .media import ImageRejected, check_location, display_name, load_image
 from .model import ModelHandle, get_model
 from .preview import ImageView, image_views
 from .settings import Limits, Settings
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 EXAMPLES_DIR = ASSETS / "examples"
 # Every refusal the user can fix; anything else is a bug and is logged with its traceback.
-USER_ERRORS = (ImageRejected, conv.ConversationError, GenerationError)
+USER_ERRORS = (ImageRejected, DocumentRejected, conv.ConversationError, GenerationError)
 UI_FRAME_S = 0.05  # the browser gets at most ~20 updates a second; the API gets every increment
 KEEPALIVE_S = 1.0  # a reply waiting in line still yields this often, so that Stop can cancel it
 
@@ -115,6 +116,7 @@ class Update:
     prompt: conv.Prompt
     stats: GenerationStats | None = None
     views: list[ImageView] = field(default_factory=list)
+    documents: list[str] = field(default_factory=list)  # which pages of each PDF the model sees how
 
 
 def ordinal(n: int) -> str:
@@ -206,6 +208,11 @@ def display_user_message(message: dict, first_number: int) -> list[dict]:
     """Chatbot messages for a user message: each image as a numbered thumbnail, then the text."""
     out: list[dict] = []
     for offset, path in enumerate(message.get("files") or []):
+        if is_pdf_file(path):  # a document: its name and page count (its pages are in the inspector)
+            pages = page_count(path)
+            label = f"{display_name(path)} · {pages} page{'s' if pages != 1 else ''}" if pages else "PDF"
+            out.append({"role": "user", "content": {"path": path, "alt_text": label}})
+            continue
         label = f"Image {first_number + offset}"
         image = gr.Image(value=path, label=label, show_label=True, type="filepath", height=THUMBNAIL_PX,
                          buttons=["fullscreen"], interactive=False, elem_classes=["chat-thumbnail"])
@@ -287,18 +294,24 @@ class ChatApp:
 
     @_on_gpu
     def stream(self, message: Any, history: Any, params: GenerationParams, with_views: bool = True,
-               min_interval_s: float = 0.0, surface: str = "ui") -> Iterator[Update]:
+               min_interval_s: float = 0.0, surface: str = "ui", pdf_pages: str | None = None) -> Iterator[Update]:
         """Submit one reply to the engine and stream it; raises USER_ERRORS with specific messages.
 
         `min_interval_s` coalesces increments: re-rendering the whole chat per token would cap the
         browser's stream far below the model's speed. While the reply waits in line or its prompt is
         read, an update comes every few tenths of a second (the place in line and progress change).
-        `surface` (ui, chat, mcp) labels its metrics.
+        `surface` (ui, chat, mcp) labels its metrics. Attached PDFs become page images and text (documents.py;
+        `pdf_pages` chooses the newest message's pages); the first update says which pages in `documents`.
         """
         with self.engine.counting_refusals(surface):  # a malformed conversation (the engine counts its own refusals)
             if history is not None and not isinstance(history, list):
                 raise conv.ConversationError("history must be a list of chat messages")
             turns, new = conv.conversation_turns(history, message), conv.parse_message(message)
+            turns, documents = expand_turns(turns, self.image_urls.folder, self.limits, pdf_pages,
+                                            check=lambda path: check_location(path, self.allowed_roots))
+            if documents:
+                new = turns[-1]
+                self.image_urls.prune()
         reply = self.engine.submit(turns, params, new=new, load=self._load, surface=surface)
         prompt = reply.prompt
         views = []
@@ -307,7 +320,7 @@ class ChatApp:
             views = image_views(self.handle.processor, reply.inputs, prompt.image_names, sizes,
                                 first_number=prompt.dropped_images + 1)
         text, sent, status = "", time.perf_counter(), None
-        yield Update(text, prompt, reply.stats, views)
+        yield Update(text, prompt, reply.stats, views, [d.summary() for d in documents])
         with reply:
             for piece in reply.updates():
                 text += piece or ""
@@ -328,7 +341,7 @@ class ChatApp:
 
     def chat(self, message: dict, history: list, max_new_tokens: float, temperature: float, top_p: float,
              repetition_penalty: float, seed: float | None, top_k: float | None = None,
-             min_p: float | None = None, answer_format: str = "text", json_schema: str = "",
+             min_p: float | None = None, answer_format: str = "text", json_schema: str = "", pdf_pages: str = "",
              request: gr.Request = None) -> Iterator[str]:
         """Ask DeepSeek-VL about one or more images (stateless: send the earlier turns in `history`).
 
@@ -349,6 +362,7 @@ class ChatApp:
             min_p: drop tokens less likely than min_p times the most likely one, 0 (off) to 1 (only when temperature > 0).
             answer_format: "text" (default); "json" for a JSON object; "json_schema" for JSON matching json_schema (the reply is held to it token by token).
             json_schema: the JSON schema (as JSON text) when answer_format is "json_schema", e.g. {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}.
+            pdf_pages: for a PDF in message["files"] (a data:application/pdf;base64 URL): the pages the model sees as images, e.g. "2-4" ("" = the first that fit); the other pages' text is read, and the reply's prompt says which pages it got how.
 
         Returns:
             The assistant's reply.
@@ -360,7 +374,8 @@ class ChatApp:
                 params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p,
                                      answer_format, json_schema)
                 message = self._resolve_urls(message)
-            for update in self.stream(message, history or [], params, with_views=False, surface=surface):
+            for update in self.stream(message, history or [], params, with_views=False, surface=surface,
+                                      pdf_pages=pdf_pages or None):
                 yield update.reply  # while it waits in line, the same (empty) reply now and then
         except (*USER_ERRORS, ImageUrlError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None
@@ -385,7 +400,8 @@ class ChatApp:
         return shown, gr.MultimodalTextbox(value=None, interactive=False), message, history
 
     def respond(self, message: dict | None, history_before: list, max_new_tokens, temperature, top_p,
-                repetition_penalty, seed, top_k, min_p, answer_format="Text", json_schema="") -> Iterator[tuple]:
+                repetition_penalty, seed, top_k, min_p, answer_format="Text", json_schema="",
+                pdf_pages="") -> Iterator[tuple]:
         """Stream the assistant's reply into the chat and the side panel; roll back on refusal."""
         if message is None:  # add_user_message refused it
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.MultimodalTextbox(interactive=True), gr.skip()
@@ -396,15 +412,19 @@ class ChatApp:
             with self.engine.counting_refusals("ui"):
                 params = self.params(max_new_tokens, temperature, top_p, repetition_penalty, seed, top_k, min_p,
                                      answer_format, json_schema)
-            for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S)):
+            documents = ""
+            for i, update in enumerate(self.stream(message, history_before, params, min_interval_s=UI_FRAME_S,
+                                                   pdf_pages=pdf_pages or None)):
                 chat = shown_user + [{"role": "assistant", "content": update.reply or waiting_note(update.stats)}]
-                meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled)
+                if i == 0 and update.documents:  # the user is never silently answered about part of a document
+                    documents = "\n\n" + "\n".join(f"**Document** {summary}" for summary in update.documents)
+                meters = meters_markdown(update.prompt, update.stats, reuse_on=self.handle.reuse.enabled) + documents
                 state = {"prompt": update.prompt, "stats": update.stats}
                 if i == 0:
                     low, high = gallery_items(update.views, False), gallery_items(update.views, True)
                     yield chat, low, high, meters, gr.skip(), state
-                    if update.prompt.notes:
-                        gr.Info(" ".join(update.prompt.notes))
+                    if update.prompt.notes or update.documents:
+                        gr.Info(" ".join([*update.prompt.notes, *(f"Document {s}." for s in update.documents)]))
                 else:
                     yield chat, gr.skip(), gr.skip(), meters, gr.skip(), state
             if params.answer is not None and update is not None and (formatted := pretty(update.reply)):
@@ -598,7 +618,7 @@ class ChatApp:
         self.chat_input = gr.MultimodalTextbox(
             elem_id="chat-input",
             file_count="multiple",
-            file_types=["image"],
+            file_types=["image", ".pdf"],
             sources=["upload"],
             placeholder="Ask about your images… (Enter to send, Shift+Enter for a new line; drop or paste images)",
             show_label=False,
@@ -653,6 +673,9 @@ class ChatApp:
                                           elem_id="answer-format")
             self.json_schema = gr.Code(language="json", label="JSON schema", elem_id="json-schema", visible=False,
                                        interactive=True, value=SCHEMA_EXAMPLE)
+            # An attached PDF: which pages the model sees as images (the others' text is read).
+            self.pdf_pages = gr.Textbox(label="PDF pages seen as images", placeholder="e.g. 2-4 (empty: the first "
+                                        "that fit)", elem_id="pdf-pages", max_lines=1)
         self.meters = gr.Markdown(meters_markdown(None, None), elem_id="meters")
         with gr.Accordion("Inspector: what the model sees", open=True):
             self.inspector_low = gr.Gallery(label="Low-res view, 384×384 (SigLIP)", elem_id="inspector-lowres",
@@ -669,6 +692,7 @@ class ChatApp:
             self.api_history = _json_input([], "history", HISTORY_SCHEMA)
             self.api_answer_format = gr.Textbox(value="text", label="answer_format")
             self.api_json_schema = gr.Textbox(value="", label="json_schema")
+            self.api_pdf_pages = gr.Textbox(value="", label="pdf_pages")
             self.api_reply = gr.Textbox(label="reply")
             self.api_button = gr.Button("chat")
 
@@ -676,7 +700,7 @@ class ChatApp:
         controls = [self.max_new_tokens, self.temperature, self.top_p, self.repetition_penalty, self.seed, self.top_k,
                     self.min_p]
         private: dict[str, Any] = {"api_visibility": "private"}
-        answer = [self.answer_format, self.json_schema]  # per reply, not saved with the conversation
+        answer = [self.answer_format, self.json_schema, self.pdf_pages]  # per reply, not saved with the conversation
         respond = {
             "fn": self.respond,
             "inputs": [self.pending, self.history_before, *controls, *answer],
@@ -759,7 +783,8 @@ class ChatApp:
 
         self.api_button.click(
             self.chat,
-            [self.api_message, self.api_history, *controls, self.api_answer_format, self.api_json_schema],
+            [self.api_message, self.api_history, *controls, self.api_answer_format, self.api_json_schema,
+             self.api_pdf_pages],
             [self.api_reply],
             api_name="chat",  # its docstring describes it on the API page and to MCP clients
             concurrency_id="generate",

@@ -36,7 +36,7 @@ def test_only_chat_is_exposed(client):
     assert list(info["named_endpoints"]) == ["/chat"] and not info["unnamed_endpoints"]
     names = [p["parameter_name"] for p in info["named_endpoints"]["/chat"]["parameters"]]
     assert names == ["message", "history", "max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed",
-                     "top_k", "min_p", "answer_format", "json_schema"]  # the newest last: older clients keep working
+                     "top_k", "min_p", "answer_format", "json_schema", "pdf_pages"]  # the newest last: older clients work
 
 
 def test_streams_a_reply_about_two_images(random_client, random_handle, make_image):

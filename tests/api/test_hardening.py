@@ -86,7 +86,8 @@ REFUSED_FILES = {
     "decompression bomb": ("bomb.png", lambda: png_header(50_000, 50_000), "decompression-bomb"),
     "HTML saved as an image": ("page.jpg", lambda: b"<!DOCTYPE html><html><script>alert(1)</script></html>", "HTML page"),
     "SVG renamed .png": ("drawing.png", lambda: b'<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
-    "PDF renamed .png": ("doc.png", lambda: b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "PDF document"),
+    # (read as a document, not an image: a damaged one)
+    "PDF renamed .png": ("doc.png", lambda: b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", "not a readable PDF"),
     "ICO renamed .png": ("icon.png", ico, "supported format"),
 }
 

@@ -267,3 +267,26 @@ def test_a_json_schema_answer_is_held_to_the_schema_and_shown_formatted(chat):
     page.locator("#answer-format label", has_text="Text").first.click()
     chat.send("What colour is the shape?", str(EXAMPLES / "blue_square.png"))
     assert chat.wait_reply_done().strip().startswith("The shape is")  # prose again
+
+
+def test_a_pdf_attached_with_pages_chosen_is_answered_and_its_pages_inspected(chat, tmp_path):
+    """A 10-page PDF, pages 2-3 chosen: the answer; the meters and a toast say which pages were seen how; the
+    inspector shows the two page images the model received."""
+    from tests.unit.test_documents import make_pdf
+
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(make_pdf(10))
+    page = chat.page
+    pages = page.locator("#pdf-pages input, #pdf-pages textarea").first
+    pages.fill("2-3")
+    pages.blur()
+    page.locator("#chat-input input[type=file]").set_input_files([str(pdf)])
+    thumbnail = page.locator('#chat-input [aria-label="File thumbnail"]')
+    assert wait_until(lambda: thumbnail.count() == 1, 30)  # (a file icon: no image thumbnail for a PDF)
+    chat.send("What colour is the shape?")
+    assert chat.wait_reply_done().strip() == "The shape is red."
+    meters = chat.meters()
+    assert "“report.pdf”, 10 pages: pages 2-3 as images; the text of pages 1, 4-10" in meters
+    low = page.locator("#inspector-lowres").inner_text()
+    assert "report-p2.png" in low and "report-p3.png" in low and "report-p1.png" not in low
+    assert page.locator("#inspector-lowres img").count() == 2
