@@ -290,3 +290,22 @@ def test_a_pdf_attached_with_pages_chosen_is_answered_and_its_pages_inspected(ch
     low = page.locator("#inspector-lowres").inner_text()
     assert "report-p2.png" in low and "report-p3.png" in low and "report-p1.png" not in low
     assert page.locator("#inspector-lowres img").count() == 2
+
+
+def test_the_inspector_shows_each_view_whole_with_its_caption_below(chat):
+    """A 1400-px window, two images: no caption covers its view, no label covers a view, no gap between galleries."""
+    page = chat.page
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    chat.send("What colour is the first image?", str(EXAMPLES / "red_circle.png"), str(EXAMPLES / "blue_square.png"))
+    chat.wait_reply_done()
+    for gallery in ("#inspector-lowres", "#inspector-highres"):
+        assert wait_until(lambda g=gallery: page.locator(f"{g} .thumbnail-item img").count() == 2, 10)
+        label = page.locator(f"{gallery} label").first.bounding_box()
+        for item in page.locator(f"{gallery} .thumbnail-item").all():
+            image = item.locator("img").bounding_box()
+            caption = item.locator(".caption-label").bounding_box()
+            assert caption["y"] >= image["y"] + image["height"] - 1, (caption, image)  # below, not over it
+            assert image["y"] >= label["y"] + label["height"] - 1, (image, label)  # the gallery's label is above
+    low = page.locator("#inspector-lowres").bounding_box()
+    high = page.locator("#inspector-highres").bounding_box()
+    assert high["y"] - (low["y"] + low["height"]) < 40  # no large gap between the two galleries
