@@ -39,7 +39,8 @@ VERSION = 1
 MAX_CONVERSATIONS = 200  # the browser keeps this many (the oldest go first); text and hashes only
 TITLE_CHARS = 48
 MEDIA_TYPES = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"BM": "image/bmp",
-               b"RIFF": "image/webp", b"II*\x00": "image/tiff", b"MM\x00*": "image/tiff"}
+               b"RIFF": "image/webp", b"II*\x00": "image/tiff", b"MM\x00*": "image/tiff",
+               b"%PDF-": "application/pdf"}  # (a PDF is kept like an image: content-addressed, exported inline)
 
 
 class ImportRefused(ValueError):
@@ -73,6 +74,14 @@ def messages_from_history(history: Iterable[Any], store: ImageStore) -> list[dic
             else:
                 saved.append({"role": turn.role, "text": part})
     return saved
+
+
+def keep_names(messages: list[dict], previous: Sequence[dict]) -> list[dict]:
+    """`messages` with each stored file's original name kept from the conversation's previous save (a reopened
+    conversation's files live in the store under their hash, which is all its history shows)."""
+    names = {m["image"]: m.get("name") for m in previous if m.get("image") and m.get("name") != m.get("image")}
+    return [{**m, "name": names[m["image"]]} if m.get("image") and m.get("name") == m["image"] and names.get(m["image"])
+            else m for m in messages]
 
 
 def title_of(messages: Sequence[dict]) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from .. import openai_api, saved
+from ..documents import is_pdf_file, page_count
 from ..media import ImageRejected, load_image
 from .views import display_saved, meters_markdown
 
@@ -28,6 +29,8 @@ class SavedConversations:
         """The record with the open conversation saved as the chat shows it (created on its first message)."""
         record = saved.valid_record(record)
         messages = saved.messages_from_history(chatbot or [], self.store)
+        previous = saved.find(record, record["current"])
+        messages = saved.keep_names(messages, previous["messages"] if previous else [])
         record, current = saved.upsert(record, record["current"], messages)
         entry = saved.find(record, current)
         if entry is not None:
@@ -101,6 +104,10 @@ class SavedConversations:
         return self._open(record) + self._reset_panel() + self._controls(generation, controls)
 
     def _check_imported(self, path: str, name: str) -> None:
+        if is_pdf_file(path):  # a document: it must open (its pages are rendered when the conversation goes on)
+            if page_count(path) is None:
+                raise ValueError(f"“{name}” is not a readable PDF")
+            return
         try:
             load_image(path, self.limits)
         except ImageRejected as exc:

@@ -149,14 +149,17 @@ def gallery_items(views: list[ImageView], high_res: bool) -> list[tuple[Any, str
     return items
 
 
-def display_user_message(message: dict, first_number: int) -> list[dict]:
-    """Chatbot messages for a user message: each image as a numbered thumbnail, then the text."""
+def display_user_message(message: dict, first_number: int, name: str | None = None) -> list[dict]:
+    """Chatbot messages for a user message: each image as a numbered thumbnail, a PDF as the document with its
+    page count (its pages are in the inspector), then the text. `name`: a stored file's original name."""
     out: list[dict] = []
     for offset, path in enumerate(message.get("files") or []):
-        if is_pdf_file(path):  # a document: its name and page count (its pages are in the inspector)
+        if is_pdf_file(path):
             pages = page_count(path)
-            label = f"{display_name(path)} · {pages} page{'s' if pages != 1 else ''}" if pages else "PDF"
-            out.append({"role": "user", "content": {"path": path, "alt_text": label}})
+            title = name or display_name(path)
+            label = f"{title} · {pages} page{'s' if pages != 1 else ''}" if pages else title
+            out.append({"role": "user", "content": {"file": {"path": path, "orig_name": label,
+                                                             "mime_type": "application/pdf"}, "alt_text": label}})
             continue
         label = f"Image {first_number + offset}"
         image = gr.Image(value=path, label=label, show_label=True, type="filepath", height=THUMBNAIL_PX,
@@ -174,7 +177,7 @@ def display_saved(shown: list[saved.Shown]) -> list[dict]:
     number = 1
     for item in shown:
         if item.image_path:
-            out += display_user_message({"files": [item.image_path]}, number)
+            out += display_user_message({"files": [item.image_path]}, number, item.name)
             number += 1
         elif item.missing:
             note = (f"*{item.name} is no longer stored on this server (the image store is full or was cleared); "

@@ -244,3 +244,40 @@ def test_like_and_dislike_are_recorded_only_with_a_feedback_file(browser, settin
         chat.send("What colour is the shape?", str(EXAMPLES / "red_circle.png"))
         chat.wait_reply_done()
         assert page.locator('#chatbot button[aria-label="Like"]').count() == 0  # off by default
+
+
+def test_a_conversation_about_a_pdf_reopens_answerable(store_app, tmp_path):
+    """A PDF's conversation is saved (the PDF content-addressed in the store, like an image); after a reload it is
+    back with the document and its page count, and a follow-up is answered from the same pages."""
+    from tests.unit.test_documents import make_pdf
+
+    _, _, new_page = store_app
+    chat = new_page()
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(make_pdf(6))
+    chat.page.locator("#chat-input input[type=file]").set_input_files([str(pdf)])
+    wait_for(lambda: chat.page.locator('#chat-input [aria-label="File thumbnail"]').count() == 1, what="the PDF")
+    chat.send("What colour is the shape?")
+    assert chat.wait_reply_done().strip() == "The shape is red."
+    wait_for(lambda: labels(chat), what="the conversation in the side list")
+    reload(chat)
+    wait_for(lambda: chat.bot_texts() == ["The shape is red."], what="the restored reply")
+    wait_for(lambda: "6 pages" in chat.page.locator("#chatbot").inner_text(), what="the document and its page count")
+    chat.send("What shape is it?")
+    assert chat.wait_reply_done().strip() == "It is a circle."
+    assert "6 pages: pages 1-4 as images; the text of pages 5-6" in chat.meters()  # the same pages as before
+    # Exported (the PDF inline, as application/pdf) and imported in a fresh profile: still answerable.
+    wait_for(lambda: chat.page.locator("#export-chat").is_enabled(), what="the Export button")
+    with chat.page.expect_download() as download:
+        chat.page.locator("#export-chat").click()
+    exported = tmp_path / "exported.json"
+    download.value.save_as(exported)
+    [part] = [p for p in json.loads(exported.read_text())["messages"][0]["content"] if p["type"] == "image"]
+    assert part["name"] == "report.pdf" and part["media_type"] == "application/pdf"
+    fresh = new_page()
+    with fresh.page.expect_file_chooser() as chooser:
+        fresh.page.locator("#import-chat").click()
+    chooser.value.set_files(str(exported))
+    wait_for(lambda: "report.pdf · 6 pages" in fresh.page.locator("#chatbot").inner_text(), what="the imported PDF")
+    fresh.send("What colour is the shape?")
+    assert fresh.wait_reply_done().strip() == "The shape is red."

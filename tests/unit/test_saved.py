@@ -110,3 +110,12 @@ def test_an_image_no_longer_stored_is_shown_as_missing(store):
     assert shown[0].missing and shown[0].name == "red_circle.png" and shown[1].text == "What colour is the shape?"
     document = saved.export_document({"messages": messages}, store, "m", {})
     assert "no longer stored" in document["messages"][0]["content"][0]["text"]
+
+
+def test_a_reopened_conversation_keeps_its_files_original_names():
+    from dsvl_app.saved import keep_names
+
+    previous = [{"role": "user", "image": "ab12", "name": "report.pdf"}, {"role": "user", "text": "What is it?"}]
+    reopened = [{"role": "user", "image": "ab12", "name": "ab12"}, {"role": "user", "text": "What is it?"},
+                {"role": "user", "image": "cd34", "name": "cd34"}, {"role": "user", "image": "ef56", "name": "new.png"}]
+    assert [m.get("name") for m in keep_names(reopened, previous)] == ["report.pdf", None, "cd34", "new.png"]
