@@ -29,7 +29,7 @@ from . import conversation as conv
 from . import reuse
 from .grammar import Grammars
 from .media import load_image
-from .metrics import EngineMetrics, refusal_reason
+from .metrics import EngineMetrics
 from .model import ModelHandle
 from .request import DONE, EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, Request, as_generation_error
 from .runner import model_inputs
@@ -121,14 +121,9 @@ class Engine:
     def metrics(self) -> EngineMetrics:
         return self.scheduler.metrics
 
-    @contextlib.contextmanager
-    def counting_refusals(self, surface: str) -> Iterator[None]:
+    def counting_refusals(self, surface: str) -> contextlib.AbstractContextManager[None]:
         """Count a refusal raised inside (a bad image, too many tokens, a full line, …) by its reason."""
-        try:
-            yield
-        except Exception as exc:
-            self.metrics.refuse(refusal_reason(exc), surface)
-            raise
+        return self.metrics.counting_refusals(surface)
 
     def metrics_text(self) -> bytes:
         """The Prometheus text of this engine's metrics."""

@@ -54,11 +54,6 @@ class AnswerFormat:
     schema: str = ""
     name: str = ""
 
-    def describe(self) -> str:
-        if self.kind == "json_object":
-            return "a JSON object"
-        return f"JSON matching the schema {self.name!r}" if self.name else "JSON matching the schema"
-
 
 def json_object() -> AnswerFormat:
     return AnswerFormat("json_object")

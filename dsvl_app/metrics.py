@@ -17,6 +17,7 @@ Each engine has a registry of its own (no module state). No gradio.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,15 @@ class EngineMetrics:
 
     def refuse(self, reason: str, surface: str) -> None:
         self.refused.labels(reason, _surface(surface)).inc()
+
+    @contextlib.contextmanager
+    def counting_refusals(self, surface: str) -> Iterator[None]:
+        """Count a refusal raised inside (a bad image, too many tokens, a full line, …) by its reason, and re-raise."""
+        try:
+            yield
+        except Exception as exc:
+            self.refuse(refusal_reason(exc), surface)
+            raise
 
     def admitted(self, request: Any) -> None:
         """Its prompt is about to be read: the wait in line."""

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,7 +47,7 @@ from . import reuse
 from .engine import END, POLL_S, Engine, Prepared, ReplyStream, default_batch, prepare
 from .grammar import SchemaError
 from .media import load_image
-from .metrics import EngineMetrics, merge, refusal_reason
+from .metrics import EngineMetrics, merge
 from .model import ModelHandle, ModelLoadError, get_model, resolve_device, resolve_model_id, resolve_source
 from .request import EngineBusy, GenerationStats, GenerationTimeout, OutOfMemory, as_generation_error
 from .reuse import ReuseCache
@@ -83,9 +83,6 @@ class MetricsHub:
 
     def report(self, replica: str, text: bytes, problem: str | None) -> None:
         self.reports[replica] = (text, problem, time.time())
-
-    def forget(self, replica: str) -> None:
-        self.reports.pop(replica, None)
 
     def read(self) -> dict[str, tuple[bytes, str | None, float]]:
         return self.reports
@@ -435,14 +432,9 @@ class RemoteEngine:
                                            spans=tuple(dataclasses.replace(s, key="") for s in prepared.spans))
         return RemoteReply(self, prepared, params, stop, affinity, surface)
 
-    @contextlib.contextmanager
-    def counting_refusals(self, surface: str) -> Iterator[None]:
+    def counting_refusals(self, surface: str) -> contextlib.AbstractContextManager[None]:
         """As Engine.counting_refusals, for what the front door refuses before a replica sees it."""
-        try:
-            yield
-        except Exception as exc:
-            self.metrics.refuse(refusal_reason(exc), surface)
-            raise
+        return self.metrics.counting_refusals(surface)
 
     def retry_after_s(self) -> int:
         """A wait to suggest when Serve's line is full: a few health periods (replicas' lines move in seconds)."""
